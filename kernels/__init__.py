@@ -1,0 +1,1 @@
+"""Triton kernels (``@triton.jit`` code only), installed as ``triton_ema.kernels``."""

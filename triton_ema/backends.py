@@ -1,0 +1,146 @@
+"""Backends: how the jobs on one bucket are done.
+
+A backend implements three primitives on a bucket (``update``, ``exchange``,
+``copy``); the jobs the optimizer needs (swap in/out, params <-> shadow) are
+built from them here, once, for every backend. :func:`select_backend` is the
+one place that picks a backend for a bucket.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+
+import torch
+from torch import Tensor
+
+from .buckets import Bucket, is_dense
+
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class Backend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def update(self, bucket: Bucket, momentum: float) -> None:
+        """``shadow <- shadow + momentum * (param - shadow)``, in float32 or wider."""
+
+    @abc.abstractmethod
+    def exchange(self, bucket: Bucket) -> None:
+        """Params and shadow trade values in place, bitwise (equal dtype and device)."""
+
+    @abc.abstractmethod
+    def copy(self, bucket: Bucket, flat: Tensor, to_params: bool) -> None:
+        """Copy between the params and ``flat`` (a buffer laid out like the shadow)."""
+
+    def params_to_shadow(self, bucket: Bucket) -> None:
+        self.copy(bucket, bucket.shadow, to_params=False)
+
+    def shadow_to_params(self, bucket: Bucket) -> None:
+        self.copy(bucket, bucket.shadow, to_params=True)
+
+    def swap_in(self, bucket: Bucket) -> None:
+        """Put the EMA into the params; the training weights wait in the shadow
+        (in-place exchange) or, where that would round them, in a stash."""
+        if bucket.can_exchange:
+            self.exchange(bucket)
+            bucket.exchanged = True
+        else:
+            stash = bucket.new_flat(bucket.param_dtype, bucket.param_device)
+            self.copy(bucket, stash, to_params=False)
+            self.shadow_to_params(bucket)
+            bucket.stash = stash
+
+    def swap_out(self, bucket: Bucket) -> None:
+        """Undo :meth:`swap_in`: training weights back bitwise, shadow untouched."""
+        if bucket.exchanged:
+            self.exchange(bucket)
+            bucket.exchanged = False
+        elif bucket.stash is not None:
+            self.copy(bucket, bucket.stash, to_params=True)
+            bucket.stash = None
+
+
+class TorchBackend(Backend):
+    """Foreach ops over the bucket's views: any device, any floating dtype."""
+
+    name = "torch"
+
+    def update(self, bucket: Bucket, momentum: float) -> None:
+        shadow_dtype, param_dtype = bucket.shadow.dtype, bucket.param_dtype
+        if shadow_dtype == param_dtype and bucket.shadow.device == bucket.param_device:
+            # lerp computes 16-bit inputs in float32 and uses the two-sided stable form.
+            torch._foreach_lerp_(bucket.views, bucket.tensors, momentum)
+            return
+        compute = torch.promote_types(torch.promote_types(shadow_dtype, param_dtype), torch.float32)
+        ends = bucket.new_flat(compute, bucket.shadow.device)
+        torch._foreach_copy_(bucket.views_of(ends), bucket.tensors)
+        if shadow_dtype == compute:
+            torch._foreach_lerp_(bucket.views, bucket.views_of(ends), momentum)
+        else:
+            wide = bucket.shadow.to(compute)
+            torch._foreach_lerp_(bucket.views_of(wide), bucket.views_of(ends), momentum)
+            bucket.shadow.copy_(wide)
+
+    def exchange(self, bucket: Bucket) -> None:
+        # Three XORs on the bit patterns: bitwise exact and no temporary.
+        int_dtype = _INT_OF_SIZE[bucket.shadow.element_size()]
+        for param, view in zip(bucket.tensors, bucket.views):
+            a, b = param.detach().view(int_dtype), view.view(int_dtype)
+            a.bitwise_xor_(b)
+            b.bitwise_xor_(a)
+            a.bitwise_xor_(b)
+
+    def copy(self, bucket: Bucket, flat: Tensor, to_params: bool) -> None:
+        views = bucket.views if flat is bucket.shadow else bucket.views_of(flat)
+        if to_params:
+            torch._foreach_copy_([t.detach() for t in bucket.tensors], views)
+        else:
+            torch._foreach_copy_(views, bucket.tensors)
+
+
+_TORCH = TorchBackend()
+
+
+def triton_unavailable(bucket: Bucket) -> str | None:
+    """Why the Triton backend cannot run ``bucket``, or None when it can."""
+    device = bucket.param_device
+    if bucket.shadow.device != device:
+        return f"shadows on {bucket.shadow.device} for parameters on {device} (Triton kernels need both on one device)"
+    if bucket.param_dtype not in TRITON_DTYPES or bucket.shadow.dtype not in TRITON_DTYPES:
+        return f"parameter dtype {bucket.param_dtype} with shadow dtype {bucket.shadow.dtype} (Triton kernels take float32, bfloat16, float16)"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "parameters on the CPU (Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing triton)"
+    if device.type not in ("cpu", "cuda"):
+        return f"parameters on {device}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    for name, t in zip(bucket.names, bucket.tensors):
+        if not is_dense(t):
+            return f"{name} is a non-dense view (stride {t.stride()}); make it contiguous"
+    return None
+
+
+def select_backend(name: str, bucket: Bucket) -> Backend:
+    """The backend that runs ``bucket``'s jobs for the user's ``backend=`` choice."""
+    if name == "torch":
+        return _TORCH
+    reason = triton_unavailable(bucket)
+    if name == "triton":
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run {reason}; use backend='auto' or 'torch'")
+        from .triton_backend import TritonBackend
+
+        return TritonBackend()
+    if name == "auto":
+        if reason is None and bucket.param_device.type == "cuda":
+            from .triton_backend import TritonBackend
+
+            return TritonBackend()
+        return _TORCH
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

@@ -1,0 +1,284 @@
+"""EMAOptimizer: an EMA of the weights, kept inside any optimizer's ``step()``."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from numbers import Integral
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .backends import BACKENDS
+from .buckets import ShadowStore
+from .schedules import Schedule, as_schedule, momentum_at
+
+__all__ = ["EMAOptimizer"]
+
+SHADOW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class EMAOptimizer(torch.optim.Optimizer):
+    """Wraps ``optimizer``; every ``step()`` also updates an exponential moving
+    average of the parameters: ``s <- s + m_t * (p - s)`` every ``interval`` steps.
+
+    It shares ``param_groups``, ``state`` and ``defaults`` with the wrapped
+    optimizer, so LR schedulers, ``GradScaler`` and gradient clipping take it
+    as they are. ``with opt.swap_ema():`` puts the EMA into the model.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        momentum: float | Schedule | None = None,
+        *,
+        decay: float | None = None,
+        interval: int = 1,
+        model: nn.Module | None = None,
+        update_buffers: bool = False,
+        shadow_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if isinstance(optimizer, EMAOptimizer):
+            raise TypeError("optimizer is already an EMAOptimizer; wrap the base optimizer once")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        schedule = as_schedule(momentum, decay)
+        if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if update_buffers and model is None:
+            raise ValueError("update_buffers=True needs model= (the module whose buffers to average)")
+        if shadow_dtype is not None and shadow_dtype not in SHADOW_DTYPES:
+            raise TypeError(f"shadow_dtype must be one of {SHADOW_DTYPES} or None, got {shadow_dtype!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device must name a torch device, got {device!r}") from err
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.interval = int(interval)
+        self.model = model
+        self.update_buffers = update_buffers
+        # Optimizer.__init__ is not called (it would rebuild param_groups); set up its hooks.
+        self._optimizer_step_pre_hooks: dict = OrderedDict()
+        self._optimizer_step_post_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        self._patch_step_function()
+
+        self._buffer_slots = self._find_buffers() if update_buffers else []
+        tensors, names = self._tracked()
+        self._store = ShadowStore(tensors, names, shadow_dtype=shadow_dtype, device=device, backend=backend)
+        self._step = 0
+
+    # The wrapped optimizer's containers, shared (not copied): whatever
+    # replaces them there (load_state_dict does) is seen here too.
+    param_groups = property(lambda self: self.optimizer.param_groups,
+                            lambda self, value: setattr(self.optimizer, "param_groups", value))
+    state = property(lambda self: self.optimizer.state, lambda self, value: setattr(self.optimizer, "state", value))
+    defaults = property(lambda self: self.optimizer.defaults,
+                        lambda self, value: setattr(self.optimizer, "defaults", value))
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps completed so far (the next step has t = num_steps)."""
+        return self._step
+
+    def __repr__(self) -> str:
+        return (f"EMAOptimizer({self.optimizer!r},\n  schedule={self.schedule!r}, interval={self.interval}, "
+                f"update_buffers={self.update_buffers}, step={self._step})")
+
+    # --- what is averaged -------------------------------------------------
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _param_names(self) -> list[str]:
+        known = {id(p): name for name, p in self.model.named_parameters()} if self.model is not None else {}
+        return [known.get(id(p), f"param_groups[{g}]['params'][{i}]")
+                for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])]
+
+    def _find_buffers(self) -> list[tuple[nn.Module, str, str]]:
+        """(module, attribute, name) of every floating buffer in the model's state_dict."""
+        slots, seen = [], set()
+        for prefix, module in self.model.named_modules():
+            for attr, buf in module._buffers.items():
+                persistent = attr not in module._non_persistent_buffers_set
+                if buf is not None and buf.is_floating_point() and persistent and id(buf) not in seen:
+                    seen.add(id(buf))
+                    slots.append((module, attr, f"{prefix}.{attr}" if prefix else attr))
+        return slots
+
+    def _tracked(self) -> tuple[list[Tensor], list[str]]:
+        params, names = self._params(), self._param_names()
+        for p, name in zip(params, names):
+            if not p.is_floating_point():
+                raise TypeError(f"{name} has dtype {p.dtype}; only floating-point parameters can be averaged")
+        buffers = [module._buffers[attr] for module, attr, _ in self._buffer_slots]
+        return params + buffers, names + [name for _, _, name in self._buffer_slots]
+
+    def _sync(self) -> None:
+        """Follow buffers that ``module.to()`` replaced and storage that moved."""
+        n = len(self._store) - len(self._buffer_slots)
+        for j, (module, attr, name) in enumerate(self._buffer_slots):
+            buf = module._buffers.get(attr)
+            if buf is None:
+                raise RuntimeError(f"buffer {name} was removed from the model; its EMA cannot follow")
+            if buf is not self._store.tensors[n + j]:
+                self._store.replace(n + j, buf)
+        self._store.refresh()
+
+    # --- optimizer interface ----------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self._store.swapped:
+            raise RuntimeError("step() inside swap_ema(): the model holds the EMA weights; leave the with-block first")
+        t = self._step
+        # Everything that can fail runs before the base step touches a weight.
+        momentum = momentum_at(self.schedule, t) if t % self.interval == 0 else None
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        if momentum is not None:
+            with torch.no_grad():
+                self._sync()
+                self._store.update(momentum)
+        self._step = t + 1
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer; its shadows start as copies of its params."""
+        self._refuse_while_swapped("add_param_group()")
+        self.optimizer.add_param_group(param_group)
+        try:
+            tensors, names = self._tracked()
+        except TypeError:
+            self.param_groups.pop()
+            raise
+        kept = {id(t): self._store.shadow_view(i) for i, t in enumerate(self._store.tensors)}
+        with torch.no_grad():
+            self._store.rebuild(tensors, names, [kept.get(id(t)) for t in tensors])
+
+    def _refuse_while_swapped(self, what: str) -> None:
+        if self._store.swapped:
+            raise RuntimeError(f"{what} inside swap_ema() is not allowed; leave the with-block first")
+
+    # --- EMA weights --------------------------------------------------------
+
+    @contextlib.contextmanager
+    def swap_ema(self) -> Iterator[EMAOptimizer]:
+        """Inside the block the model holds the EMA weights; on exit, also by an
+        exception, the training weights are back, bitwise."""
+        if self._store.swapped:
+            raise RuntimeError("swap_ema() is already active; nesting it would put training weights in the model")
+        with torch.no_grad():
+            self._sync()
+            self._store.swap_in()
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                self._store.refresh()
+                self._store.swap_out()
+
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        """``model.state_dict()`` with EMA values for every averaged tensor, in
+        the model's dtypes; entries not averaged keep the model's values."""
+        if self.model is None:
+            raise RuntimeError("ema_state_dict() needs the model: pass model= to EMAOptimizer")
+        index = {id(t): i for i, t in enumerate(self._store.tensors)}
+        out = {}
+        for name, value in self.model.state_dict(keep_vars=True).items():
+            i = index.get(id(value))
+            out[name] = value.detach() if i is None else self._store.ema(i).detach().to(value.dtype)
+        return out
+
+    # --- checkpoints -----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus ``"ema"``. The shadows are
+        views of the live EMA (no copy), as optimizer state tensors are."""
+        sd = self.optimizer.state_dict()
+        n = len(self._store) - len(self._buffer_slots)
+        sd["ema"] = {
+            "step": self._step,
+            "interval": self.interval,
+            "shadow": {i: self._store.ema(i).detach() for i in range(n)},
+            "buffers": {name: self._store.ema(n + j).detach() for j, (_, _, name) in enumerate(self._buffer_slots)},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict from :meth:`state_dict`: everything is checked before anything changes."""
+        self._refuse_while_swapped("load_state_dict()")
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        base = {k: v for k, v in state_dict.items() if k != "ema"}
+        if "ema" not in state_dict:
+            warnings.warn("state_dict has no 'ema' entry (saved from a bare optimizer?): the optimizer state is "
+                          f"loaded and the EMA restarts from the current weights at step {self._step}", stacklevel=2)
+            self.optimizer.load_state_dict(base)
+            with torch.no_grad():
+                self._sync()
+                self._store.reset()
+            return
+        step, values = self._check_ema(state_dict["ema"])
+        self.optimizer.load_state_dict(base)
+        with torch.no_grad():
+            self._sync()
+            self._store.load(values)
+        self._step = step
+
+    def _check_ema(self, ema: Any) -> tuple[int, list[Tensor]]:
+        """The step and the shadow values of a saved ``"ema"`` entry, or an error naming the culprit."""
+        if not isinstance(ema, dict):
+            raise TypeError(f"state_dict['ema'] must be a dict, got {type(ema).__name__}")
+        missing = {"step", "shadow", "buffers"} - ema.keys()
+        if missing:
+            raise ValueError(f"state_dict['ema'] lacks {sorted(missing)}")
+        step = ema["step"]
+        if isinstance(step, bool) or not isinstance(step, Integral) or step < 0:
+            raise ValueError(f"state_dict['ema']['step'] must be a non-negative integer, got {step!r}")
+        if ema.get("interval", self.interval) != self.interval:
+            warnings.warn(f"the checkpoint was saved with interval={ema['interval']}; continuing with "
+                          f"interval={self.interval}", stacklevel=3)
+        n = len(self._store) - len(self._buffer_slots)
+        saved = [("shadow", ema["shadow"], list(range(n))),
+                 ("buffers", ema["buffers"], [name for _, _, name in self._buffer_slots])]
+        values = []
+        for key, entries, expected in saved:
+            if not isinstance(entries, dict):
+                raise TypeError(f"state_dict['ema']['{key}'] must be a dict, got {type(entries).__name__}")
+            unexpected = [k for k in entries if k not in set(expected)]
+            if unexpected:
+                raise ValueError(f"state_dict['ema']['{key}'] has entries this EMA does not track: {unexpected[:5]}")
+            for k in expected:
+                i = len(values)
+                name = self._store.names[i]
+                if k not in entries:
+                    raise ValueError(f"state_dict['ema']['{key}'] has no shadow for {name} (key {k!r})")
+                value, shadow = entries[k], self._store.shadow_view(i)
+                if not isinstance(value, Tensor):
+                    raise TypeError(f"the saved shadow of {name} is a {type(value).__name__}, not a tensor")
+                if value.shape != shadow.shape:
+                    raise ValueError(f"the saved shadow of {name} has shape {tuple(value.shape)}, "
+                                     f"the parameter has {tuple(shadow.shape)}")
+                if value.dtype != shadow.dtype:
+                    raise ValueError(f"the saved shadow of {name} has dtype {value.dtype}, this EMA keeps "
+                                     f"{shadow.dtype} (shadow_dtype=)")
+                values.append(value)
+        return int(step), values
+
