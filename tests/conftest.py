@@ -1,0 +1,47 @@
+"""Test set-up: Triton kernels run on CPU tensors in Triton's interpreter when
+there is no GPU (TRITON_INTERPRET must be set before triton is imported)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+try:
+    import triton  # noqa: F401,E402
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = ["torch", "triton"] if HAVE_TRITON else ["torch"]
+
+# Unit roundoff-scale tolerances: a value stored in `dtype` may differ from the
+# exact (float64) result by this many units of its last place.
+ULPS = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
+
+
+def assert_ulps(actual: torch.Tensor, expected: torch.Tensor, *, scale: torch.Tensor | None = None, ulps: int | None = None):
+    """``actual`` (any dtype) equals the float64 ``expected`` to within a few
+    units in the last place of ``actual.dtype``, measured against ``scale``
+    (the magnitudes the computation involved; defaults to ``expected``)."""
+    dtype = actual.dtype
+    eps = torch.finfo(dtype).eps
+    ulps = ULPS[dtype] if ulps is None else ulps
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    s = e.abs() if scale is None else torch.maximum(e.abs(), scale.detach().double().cpu().abs())
+    tol = ulps * eps * s.clamp_min(torch.finfo(dtype).tiny)
+    err = (a - e).abs()
+    bad = err > tol
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {a.numel()} elements off by more than {ulps} ulp of {dtype}; "
+        f"worst: got {a[bad][0].item()!r}, expected {e[bad][0].item()!r}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param

@@ -1,0 +1,102 @@
+"""swap_ema(): EMA weights inside, training weights back bitwise on exit."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from models import batches, make_model, train_step
+
+from triton_ema import EMAOptimizer
+
+
+def trained(dtype=torch.float32, backend="torch", **kw):
+    model = make_model(dtype, device=DEVICE)
+    opt = EMAOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05, eps=1e-3), momentum=0.3, model=model,
+                       backend=backend, **kw)
+    for batch in batches(3, dtype, device=DEVICE):
+        train_step(model, opt, batch)
+    return model, opt
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("dtype, shadow_dtype", [
+    (torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16)], ids=str)
+def test_swap_puts_ema_in_and_restores_bitwise(dtype, shadow_dtype, backend):
+    model, opt = trained(dtype, backend, shadow_dtype=shadow_dtype, update_buffers=True)
+    training = state(model)
+    ema = {k: v.clone() for k, v in opt.ema_state_dict().items()}
+    shadow_before = [s.clone() for s in opt.state_dict()["ema"]["shadow"].values()]
+    with opt.swap_ema():
+        inside = state(model)
+    assert_bitwise(state(model), training)
+    for name, value in inside.items():
+        assert torch.equal(value, ema[name]), name  # the EMA, rounded to the model's dtype
+    assert not torch.equal(inside["fc.weight"], training["fc.weight"])
+    # The shadow itself is never rounded by a swap.
+    for a, b in zip(shadow_before, opt.state_dict()["ema"]["shadow"].values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_swap_restores_after_an_exception(error, backend):
+    model, opt = trained(backend=backend)
+    training = state(model)
+    with pytest.raises(error):
+        with opt.swap_ema():
+            model.eval()(batches(1, device=DEVICE)[0][0])
+            raise error("evaluation failed")
+    assert_bitwise(state(model), training)
+    model.train()
+    train_step(model, opt, batches(1, device=DEVICE)[0])  # and training goes on
+
+
+def test_nested_swap_is_an_error():
+    model, opt = trained()
+    training = state(model)
+    with opt.swap_ema():
+        with pytest.raises(RuntimeError, match="already active"):
+            with opt.swap_ema():
+                pass
+    assert_bitwise(state(model), training)
+
+
+def test_step_inside_swap_is_an_error():
+    model, opt = trained()
+    training = state(model)
+    with opt.swap_ema():
+        with pytest.raises(RuntimeError, match="step\\(\\) inside swap_ema"):
+            opt.step()
+        with pytest.raises(RuntimeError, match="inside swap_ema"):
+            opt.load_state_dict(opt.state_dict())
+        with pytest.raises(RuntimeError, match="inside swap_ema"):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, device=DEVICE))]})
+    assert_bitwise(state(model), training)
+    assert opt.num_steps == 3
+
+
+def test_state_dict_inside_swap_holds_the_ema():
+    model, opt = trained()
+    outside = {k: v.clone() for k, v in opt.state_dict()["ema"]["shadow"].items()}
+    with opt.swap_ema():
+        inside = {k: v.clone() for k, v in opt.state_dict()["ema"]["shadow"].items()}
+    assert all(torch.equal(outside[k], inside[k]) for k in outside)
+
+
+def test_equal_dtype_swap_allocates_nothing(backend):
+    if DEVICE.type != "cuda":
+        pytest.skip("allocation is measured with CUDA's allocator statistics")
+    model, opt = trained(backend=backend)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with opt.swap_ema():
+        assert torch.cuda.memory_allocated() == before
+    assert torch.cuda.memory_allocated() == before
