@@ -47,8 +47,8 @@ def _to_bf16_rne(x):
 @triton.jit
 def _store(ptr, idx, n, x, FULL: tl.constexpr):
     dtype = ptr.dtype.element_ty
-    if dtype == tl.bfloat16 and x.dtype == tl.float32:
-        x = _to_bf16_rne(x)
+    if dtype == tl.bfloat16 and x.dtype != tl.bfloat16:
+        x = _to_bf16_rne(x.to(tl.float32))
     else:
         x = x.to(dtype)
     if FULL:

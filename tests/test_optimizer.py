@@ -241,6 +241,22 @@ def test_shape_change_is_an_error():
         opt.step()
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs parameters on a GPU and shadows on the CPU")
+def test_cpu_shadows_for_gpu_params():
+    p = torch.nn.Parameter(torch.randn(3000, device=DEVICE, dtype=torch.bfloat16))
+    opt = EMAOptimizer(torch.optim.SGD([p], lr=0.1), momentum=0.25, device="cpu")
+    s0 = opt.state_dict()["ema"]["shadow"][0].clone()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    s1 = opt.state_dict()["ema"]["shadow"][0]
+    assert s1.device.type == "cpu" and s1.dtype == torch.float32
+    assert_ulps(s1, s0.double() + 0.25 * (p.detach().cpu().double() - s0.double()), scale=s0.abs() + p.float().abs().cpu())
+    before = p.detach().clone()
+    with opt.swap_ema():
+        assert torch.equal(p.cpu(), s1.to(torch.bfloat16))
+    assert torch.equal(p, before)
+
+
 def bad(**kw):
     model = make_model(device=DEVICE)
     args = dict(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), momentum=0.1)

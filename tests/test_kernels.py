@@ -1,0 +1,228 @@
+"""Triton kernels over buckets, against float64 references (CPU: Triton's
+interpreter, small shapes; the same tests run on CUDA when there is a GPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BACKENDS, DEVICE, assert_ulps
+
+from triton_ema.backends import TorchBackend
+from triton_ema.buckets import build_buckets
+
+pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PAIRS = [(p, s) for p in DTYPES for s in DTYPES]
+SIZES = [0, 1, 7, 1023, 1025, 2**20 + 3]
+
+
+def pair_id(pair):
+    return "-".join(str(d).replace("torch.", "") for d in pair)
+
+
+def make_tensors(sizes, dtype, seed=0):
+    """Tensors of ``sizes``; every third is a misaligned view (a tail-only param)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(sizes):
+        if i % 3 == 2 and n:
+            t = torch.randn(n + 1, generator=g).to(DEVICE, dtype)[1:]
+        else:
+            t = torch.randn(n, generator=g).to(DEVICE, dtype)
+        out.append(t)
+    return out
+
+
+def triton_bucket(tensors, shadow_dtype, seed=1):
+    from triton_ema.triton_backend import TritonBackend
+
+    (bucket,), _ = build_buckets(tensors, [f"t{i}" for i in range(len(tensors))], shadow_dtype, None)
+    bucket.backend = TritonBackend()
+    g = torch.Generator().manual_seed(seed)
+    bucket.shadow.fill_(float("nan"))  # padding stays poisoned: no kernel may read it into a result
+    for view in bucket.views:
+        view.copy_(torch.randn(view.shape, generator=g))
+    return bucket
+
+
+def mixed_sizes(count=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 5000, (count,), generator=g).tolist()
+
+
+CASES = [pytest.param([n], id=f"n{n}") for n in SIZES] + [pytest.param(mixed_sizes(), id="300-mixed")]
+
+
+# The 2**20 + 3 case runs at one momentum, to keep the interpreter fast.
+UPDATE_CASES = [pytest.param(c.values[0], m, id=f"{c.id}-m{m}") for c in CASES for m in (2e-4, 0.5, 0.9)
+                if m == 0.5 or c.values[0] != [2**20 + 3]]
+
+
+@pytest.mark.parametrize("sizes, momentum", UPDATE_CASES)
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_update(sizes, momentum, pair):
+    p_dtype, s_dtype = pair
+    params = make_tensors(sizes, p_dtype)
+    bucket = triton_bucket(params, s_dtype)
+    s0 = [v.clone() for v in bucket.views]
+    bucket.backend.update(bucket, momentum)
+    for s, old, p in zip(bucket.views, s0, params):
+        p64, s64 = p.double(), old.double()
+        assert_ulps(s, s64 + momentum * (p64 - s64), scale=torch.maximum(p64.abs(), s64.abs()))
+    assert all(torch.equal(p, q) for p, q in zip(params, make_tensors(sizes, p_dtype)))  # params untouched
+
+
+@pytest.mark.parametrize("sizes", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exchange_is_bitwise(sizes, dtype):
+    params = make_tensors(sizes, dtype)
+    p0 = [p.clone() for p in params]
+    bucket = triton_bucket(params, dtype)
+    s0 = [v.clone() for v in bucket.views]
+    bucket.backend.exchange(bucket)
+    assert all(torch.equal(p, s) for p, s in zip(params, s0))
+    assert all(torch.equal(v, p) for v, p in zip(bucket.views, p0))
+    bucket.backend.exchange(bucket)
+    assert all(torch.equal(p, q) for p, q in zip(params, p0))
+
+
+@pytest.mark.parametrize("sizes", CASES)
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_copy_both_ways_rounds_like_torch(sizes, pair):
+    p_dtype, s_dtype = pair
+    params = make_tensors(sizes, p_dtype)
+    bucket = triton_bucket(params, s_dtype)
+    s0 = [v.clone() for v in bucket.views]
+    for p in params:
+        p.fill_(float("nan"))  # poison: every element must be written
+    bucket.backend.shadow_to_params(bucket)
+    assert all(torch.equal(p, s.to(p_dtype)) for p, s in zip(params, s0))
+    fresh = make_tensors(sizes, p_dtype, seed=3)
+    for p, f in zip(params, fresh):
+        p.copy_(f)
+    bucket.shadow.fill_(float("nan"))
+    bucket.backend.params_to_shadow(bucket)
+    assert all(torch.equal(v, f.to(s_dtype)) for v, f in zip(bucket.views, fresh))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_triton_and_torch_agree_within_one_ulp(pair):
+    p_dtype, s_dtype = pair
+    sizes = mixed_sizes(40, seed=2)
+    params = make_tensors(sizes, p_dtype)
+    a, b = triton_bucket(params, s_dtype), triton_bucket(params, s_dtype)
+    b.backend = TorchBackend()
+    for m in (3e-3, 0.5, 0.7):
+        inputs = [torch.maximum(s.abs(), p.abs()).double() for s, p in zip(a.views, params)]
+        a.backend.update(a, m)
+        b.backend.update(b, m)
+        for x, y, scale in zip(a.views, b.views, inputs):
+            assert_ulps(x, y.double(), scale=scale, ulps=1)
+        b.shadow.copy_(a.shadow)  # the next round starts both from the same shadows
+
+
+def test_dense_non_contiguous_params():
+    params = [torch.randn(6, 5, device=DEVICE).t(), torch.randn(2, 3, 4, 5, device=DEVICE).to(
+        memory_format=torch.channels_last)]
+    bucket = triton_bucket(params, torch.float32)
+    s0 = [v.clone() for v in bucket.views]
+    bucket.backend.update(bucket, 0.25)
+    for s, old, p in zip(bucket.views, s0, params):
+        assert s.stride() == p.stride()
+        assert_ulps(s, old.double() + 0.25 * (p.double() - old.double()), scale=torch.maximum(old.abs(), p.abs()))
+
+
+def test_non_dense_param_is_a_clear_error():
+    from triton_ema import EMAOptimizer
+
+    base = torch.nn.Parameter(torch.randn(8, 8, device=DEVICE))
+    strided = torch.nn.Parameter(base.detach()[:, ::2])  # a view with gaps
+    with pytest.raises(ValueError, match="non-dense view"):
+        EMAOptimizer(torch.optim.SGD([strided], lr=0.1), momentum=0.1, backend="triton")
+
+
+def test_storage_rebinding_rebuilds_the_table():
+    from triton_ema import EMAOptimizer
+
+    p = torch.nn.Parameter(torch.zeros(3000, device=DEVICE))
+    opt = EMAOptimizer(torch.optim.SGD([p], lr=0.1), momentum=0.5, backend="triton")
+    opt.step()
+    table_before = opt._store.buckets[0].cache["table"][0].clone()
+    p.data = torch.full((3000,), 2.0, device=DEVICE)  # the old storage is freed
+    opt.step()
+    assert not torch.equal(opt._store.buckets[0].cache["table"][0], table_before)
+    assert torch.all(opt.state_dict()["ema"]["shadow"][0] == 1.0)
+
+
+@pytest.fixture(scope="module")
+def ptx_report():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("ptx_probe.py"))], env=env,
+                         capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout)
+
+
+def _vector_counts(report, esizes):
+    per_thread = report["block"] // (32 * report["num_warps"])
+    return [per_thread * e // 16 for e in esizes]
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_full_chunks_compile_to_128_bit_accesses(ptx_report, pair):
+    """Every element of a full chunk moves through ld/st.global.v4 (128-bit) on sm_90."""
+    p_dtype, s_dtype = pair
+    ep, es = p_dtype.itemsize, s_dtype.itemsize
+    key = pair_id(pair).replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16").replace("-", "/")
+    upd = ptx_report["update"][key]
+    ld, st = _vector_counts(ptx_report, [ep + es, es])
+    assert (upd["ld"].get("128"), upd["st"].get("128")) == (ld, st)
+    for direction, (src, dst) in (("to_flat", (ep, es)), ("to_params", (es, ep))):
+        acc = ptx_report["copy"][f"{key}/{direction}"]
+        assert (acc["ld"].get("128"), acc["st"].get("128")) == tuple(_vector_counts(ptx_report, [src, dst]))
+    if p_dtype == s_dtype:
+        acc = ptx_report["swap"][key]
+        assert (acc["ld"].get("128"), acc["st"].get("128")) == tuple(_vector_counts(ptx_report, [2 * ep, 2 * ep]))
+
+
+def test_changing_momentum_and_table_length_never_recompile(ptx_report):
+    # One specialisation key for every momentum and table length: one compiled kernel per dtype pair.
+    assert len(ptx_report["update_keys"]) == 1
+
+
+def test_auto_picks_triton_only_for_cuda(monkeypatch):
+    from triton_ema import EMAOptimizer
+
+    p = torch.nn.Parameter(torch.randn(10, device=DEVICE))
+    opt = EMAOptimizer(torch.optim.SGD([p], lr=0.1), momentum=0.1, backend="auto")
+    assert opt._store.buckets[0].backend.name == ("triton" if DEVICE.type == "cuda" else "torch")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU tensors need the interpreter; on a GPU machine they are not used")
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    from triton_ema import EMAOptimizer
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        EMAOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1), momentum=0.1, backend="triton")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="compiled-kernel caches exist only on a GPU")
+def test_cosine_schedule_compiles_one_kernel_per_dtype_pair():
+    from triton_ema import EMAOptimizer
+    from triton_ema.kernels.ema import _ema_update_kernel
+    from triton_ema.schedules import Cosine
+
+    p = torch.nn.Parameter(torch.randn(5000, device=DEVICE))
+    opt = EMAOptimizer(torch.optim.SGD([p], lr=0.1), momentum=Cosine(0.5, 0.0, total_steps=30), backend="triton")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    count = sum(len(cache[0]) for cache in _ema_update_kernel.device_caches.values())
+    for _ in range(30):
+        opt.step()
+    assert sum(len(cache[0]) for cache in _ema_update_kernel.device_caches.values()) == count
+
