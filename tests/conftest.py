@@ -2,6 +2,7 @@
 there is no GPU (TRITON_INTERPRET must be set before triton is imported)."""
 
 import os
+import sys
 
 import torch
 
@@ -15,6 +16,8 @@ try:
 
     HAVE_TRITON = True
 except ImportError:
+    if sys.platform.startswith("linux"):  # triton is a dependency there: its absence is a broken install
+        raise
     HAVE_TRITON = False
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
