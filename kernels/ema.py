@@ -30,7 +30,7 @@ def _load(ptr, idx, n, FULL: tl.constexpr):
     if FULL:
         x = tl.load(ptr + idx)
     else:
-        x = tl.load(ptr + idx, mask=idx < n)
+        x = tl.load(ptr + idx, mask=idx < n, other=0)
     return x
 
 
@@ -73,13 +73,38 @@ def _update_row(table_ptr, shadow_ptr, param_type_ptr, momentum, pid, BLOCK: tl.
 
 
 @triton.jit(do_not_specialize=["momentum", "n_full"])
-def _ema_update_kernel(table_ptr, shadow_ptr, param_type_ptr, momentum, n_full, BLOCK: tl.constexpr):
-    """``shadow <- shadow + momentum * (param - shadow)`` in float32."""
+def _ema_update_kernel(table_ptr, shadow_ptr, param_type_ptr, skip_ptr, momentum, n_full, BLOCK: tl.constexpr,
+                       CHECK_SKIP: tl.constexpr):
+    """``shadow <- shadow + momentum * (param - shadow)`` in float32; with
+    ``CHECK_SKIP``, nothing is written when ``*skip_ptr`` is non-zero."""
+    pid = tl.program_id(0).to(tl.int64)
+    skip = 0
+    if CHECK_SKIP:
+        skip = tl.load(skip_ptr)
+    if skip == 0:
+        if pid < n_full:
+            _update_row(table_ptr, shadow_ptr, param_type_ptr, momentum, pid, BLOCK, True)
+        else:
+            _update_row(table_ptr, shadow_ptr, param_type_ptr, momentum, pid, BLOCK, False)
+
+
+@triton.jit
+def _nonfinite_row(table_ptr, param_type_ptr, flag_ptr, pid, BLOCK: tl.constexpr, FULL: tl.constexpr):
+    p_ptr, _, n = _segment(table_ptr, param_type_ptr, param_type_ptr, pid, FULL)
+    p = _load(p_ptr, tl.arange(0, BLOCK), n, FULL).to(tl.float32)
+    bad = (p != p) | (tl.abs(p) == float("inf"))
+    if tl.max(bad.to(tl.int32), axis=0) > 0:
+        tl.store(flag_ptr, 1)
+
+
+@triton.jit(do_not_specialize=["n_full"])
+def _ema_nonfinite_kernel(table_ptr, param_type_ptr, flag_ptr, n_full, BLOCK: tl.constexpr):
+    """``*flag_ptr = 1`` if any parameter element is NaN or infinite (the caller zeroes it first)."""
     pid = tl.program_id(0).to(tl.int64)
     if pid < n_full:
-        _update_row(table_ptr, shadow_ptr, param_type_ptr, momentum, pid, BLOCK, True)
+        _nonfinite_row(table_ptr, param_type_ptr, flag_ptr, pid, BLOCK, True)
     else:
-        _update_row(table_ptr, shadow_ptr, param_type_ptr, momentum, pid, BLOCK, False)
+        _nonfinite_row(table_ptr, param_type_ptr, flag_ptr, pid, BLOCK, False)
 
 
 @triton.jit

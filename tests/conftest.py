@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 try:
     import triton  # noqa: F401,E402
@@ -19,6 +20,13 @@ except ImportError:
     if sys.platform.startswith("linux"):  # triton is a dependency there: its absence is a broken install
         raise
     HAVE_TRITON = False
+
+# Property tests: a fixed, CI-sized sample by default; HYPOTHESIS_PROFILE=thorough for a long search.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("thorough", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", "triton"] if HAVE_TRITON else ["torch"]

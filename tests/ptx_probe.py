@@ -31,8 +31,13 @@ def accesses(ptx):
 
 
 def compile_ptx(kernel, flat_type, param_type, extra_sig, constexprs):
-    signature = {"table_ptr": "*i64", kernel.arg_names[1]: "*" + flat_type, "param_type_ptr": "*" + param_type,
+    names = kernel.arg_names
+    signature = {names[0]: "*i64", names[1]: "*" + flat_type, "param_type_ptr": "*" + param_type,
                  **extra_sig, **{k: "constexpr" for k in constexprs}}
+    if names[1] == "param_type_ptr":  # the nonfinite scan: (table, param type, flag)
+        signature = {names[0]: "*i64", names[1]: "*" + param_type, names[2]: "*" + flat_type,
+                     **extra_sig, **{k: "constexpr" for k in constexprs}}
+    assert list(signature) == names, f"update the probe for {names}"
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(3)}  # as Triton specialises torch allocations
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": NUM_WARPS}).asm["ptx"]
@@ -40,25 +45,32 @@ def compile_ptx(kernel, flat_type, param_type, extra_sig, constexprs):
 
 def specialisation_keys(kernel, args_list):
     binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(TARGET))
-    return sorted({repr(binder(*args, BLOCK=BLOCK)[1]) for args in args_list})
+    return sorted({repr(binder(*args, BLOCK=BLOCK, CHECK_SKIP=False)[1]) for args in args_list})
 
 
 def main():
-    report = {"block": BLOCK, "num_warps": NUM_WARPS, "update": {}, "swap": {}, "copy": {}}
+    report = {"block": BLOCK, "num_warps": NUM_WARPS, "update": {}, "update_checked": {}, "swap": {}, "copy": {},
+              "nonfinite": {}}
     for p_dtype, p_type in TYPES.items():
         for s_dtype, s_type in TYPES.items():
             pair = f"{p_type}/{s_type}"
+            update_sig = {"skip_ptr": "*i32", "momentum": "fp32", "n_full": "i64"}
             report["update"][pair] = accesses(compile_ptx(
-                ema._ema_update_kernel, s_type, p_type, {"momentum": "fp32", "n_full": "i64"}, {"BLOCK": BLOCK}))
+                ema._ema_update_kernel, s_type, p_type, update_sig, {"BLOCK": BLOCK, "CHECK_SKIP": False}))
+            report["update_checked"][pair] = accesses(compile_ptx(
+                ema._ema_update_kernel, s_type, p_type, update_sig, {"BLOCK": BLOCK, "CHECK_SKIP": True}))
             for to_params in (False, True):
                 report["copy"][f"{pair}/{'to_params' if to_params else 'to_flat'}"] = accesses(compile_ptx(
                     ema._ema_copy_kernel, s_type, p_type, {"n_full": "i64"}, {"BLOCK": BLOCK, "TO_PARAMS": to_params}))
+            if s_dtype == torch.float32:  # the nonfinite scan reads params only
+                report["nonfinite"][p_type] = accesses(compile_ptx(
+                    ema._ema_nonfinite_kernel, "i32", p_type, {"n_full": "i64"}, {"BLOCK": BLOCK}))
             if p_dtype == s_dtype:
                 report["swap"][pair] = accesses(compile_ptx(
                     ema._ema_swap_kernel, s_type, p_type, {"n_full": "i64"}, {"BLOCK": BLOCK}))
     table, shadow, param = torch.zeros(6, dtype=torch.int64), torch.zeros(32), torch.zeros(32, dtype=torch.bfloat16)
-    report["update_keys"] = specialisation_keys(
-        ema._ema_update_kernel, [(table, shadow, param, m, n) for m in (0.0, 1e-4, 0.5, 1.0) for n in (0, 1, 16, 1000)])
+    report["update_keys"] = specialisation_keys(ema._ema_update_kernel, [
+        (table, shadow, param, table, m, n) for m in (0.0, 1e-4, 0.5, 1.0) for n in (0, 1, 16, 1000)])
     report["triton"] = triton.__version__
     json.dump(report, sys.stdout)
 

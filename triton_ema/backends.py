@@ -25,8 +25,13 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def update(self, bucket: Bucket, momentum: float) -> None:
-        """``shadow <- shadow + momentum * (param - shadow)``, in float32 or wider."""
+    def update(self, bucket: Bucket, momentum: float, skip: Tensor | None = None) -> None:
+        """``shadow <- shadow + momentum * (param - shadow)``, in float32 or wider;
+        nothing changes where the device scalar ``skip`` is non-zero."""
+
+    @abc.abstractmethod
+    def nonfinite(self, bucket: Bucket) -> Tensor:
+        """A device int32 scalar: 1 if any param element is NaN or infinite, else 0 (no host sync)."""
 
     @abc.abstractmethod
     def exchange(self, bucket: Bucket) -> None:
@@ -69,7 +74,19 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def update(self, bucket: Bucket, momentum: float) -> None:
+    def update(self, bucket: Bucket, momentum: float, skip: Tensor | None = None) -> None:
+        if skip is None:
+            self._update(bucket, momentum)
+            return
+        saved = bucket.shadow.clone()
+        self._update(bucket, momentum)
+        torch.where(skip.to(bucket.shadow.device, torch.bool), saved, bucket.shadow, out=bucket.shadow)
+
+    def nonfinite(self, bucket: Bucket) -> Tensor:
+        finite = torch.stack([t.isfinite().all() for t in bucket.tensors]).all()
+        return finite.logical_not().to(torch.int32)
+
+    def _update(self, bucket: Bucket, momentum: float) -> None:
         shadow_dtype, param_dtype = bucket.shadow.dtype, bucket.param_dtype
         if shadow_dtype == param_dtype and bucket.shadow.device == bucket.param_device:
             # lerp computes 16-bit inputs in float32 and uses the two-sided stable form.

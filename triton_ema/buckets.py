@@ -28,6 +28,8 @@ def default_shadow_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 def is_dense(t: Tensor) -> bool:
     """True when ``t`` covers exactly ``numel`` consecutive elements, in any stride order."""
+    if t.numel() == 0:
+        return True
     expected = 1
     for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
         if stride != expected:
@@ -129,6 +131,7 @@ class ShadowStore:
         self.shadow_dtype = shadow_dtype
         self.device = device
         self.backend = backend
+        self.skips: dict[torch.device, Tensor] = {}  # per device: bucket updates skipped for non-finite params
         self.rebuild(list(tensors), list(names), [None] * len(tensors))
 
     def rebuild(self, tensors: list[Tensor], names: list[str], values: list[Tensor | None]) -> None:
@@ -192,9 +195,22 @@ class ShadowStore:
 
     # Jobs: one backend call per bucket.
 
-    def update(self, momentum: float) -> None:
+    def update(self, momentum: float, skip_nonfinite: bool = False) -> None:
         for bucket in self.buckets:
-            bucket.backend.update(bucket, momentum)
+            if not skip_nonfinite:
+                bucket.backend.update(bucket, momentum)
+                continue
+            flag = bucket.backend.nonfinite(bucket)  # decided on the device: no host sync
+            bucket.backend.update(bucket, momentum, flag)
+            count = self.skips.get(flag.device)
+            if count is None:
+                self.skips[flag.device] = flag.to(torch.int64)
+            else:
+                count += flag
+
+    def skipped(self) -> int:
+        """Bucket updates skipped for non-finite params so far (reading it waits for the device)."""
+        return sum(int(count) for count in self.skips.values())
 
     def swap_in(self) -> None:
         done = []

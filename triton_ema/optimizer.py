@@ -42,6 +42,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         shadow_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         if isinstance(optimizer, EMAOptimizer):
             raise TypeError("optimizer is already an EMAOptimizer; wrap the base optimizer once")
@@ -69,6 +70,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         self.interval = int(interval)
         self.model = model
         self.update_buffers = update_buffers
+        self.skip_nonfinite = bool(skip_nonfinite)
         # Optimizer.__init__ is not called (it would rebuild param_groups); set up its hooks.
         self._optimizer_step_pre_hooks: dict = OrderedDict()
         self._optimizer_step_post_hooks: dict = OrderedDict()
@@ -95,6 +97,12 @@ class EMAOptimizer(torch.optim.Optimizer):
     def num_steps(self) -> int:
         """Optimizer steps completed so far (the next step has t = num_steps)."""
         return self._step
+
+    @property
+    def skipped_updates(self) -> int:
+        """With ``skip_nonfinite=True``: bucket updates skipped because their
+        params held NaN or Inf (reading it waits for the device)."""
+        return self._store.skipped()
 
     def __repr__(self) -> str:
         return (f"EMAOptimizer({self.optimizer!r},\n  schedule={self.schedule!r}, interval={self.interval}, "
@@ -152,7 +160,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         if momentum is not None:
             with torch.no_grad():
                 self._sync()
-                self._store.update(momentum)
+                self._store.update(momentum, self.skip_nonfinite)
         self._step = t + 1
         return loss
 
@@ -216,6 +224,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         sd["ema"] = {
             "step": self._step,
             "interval": self.interval,
+            "skipped_updates": self._store.skipped(),
             "shadow": {i: self._store.ema(i).detach() for i in range(n)},
             "buffers": {name: self._store.ema(n + j).detach() for j, (_, _, name) in enumerate(self._buffer_slots)},
         }
@@ -235,23 +244,25 @@ class EMAOptimizer(torch.optim.Optimizer):
                 self._sync()
                 self._store.reset()
             return
-        step, values = self._check_ema(state_dict["ema"])
+        step, skipped, values = self._check_ema(state_dict["ema"])
         self.optimizer.load_state_dict(base)
         with torch.no_grad():
             self._sync()
             self._store.load(values)
         self._step = step
+        self._store.skips = {torch.device("cpu"): torch.tensor(int(skipped))} if skipped else {}
 
-    def _check_ema(self, ema: Any) -> tuple[int, list[Tensor]]:
-        """The step and the shadow values of a saved ``"ema"`` entry, or an error naming the culprit."""
+    def _check_ema(self, ema: Any) -> tuple[int, int, list[Tensor]]:
+        """The step, skip count and shadow values of a saved ``"ema"`` entry, or an error naming the culprit."""
         if not isinstance(ema, dict):
             raise TypeError(f"state_dict['ema'] must be a dict, got {type(ema).__name__}")
         missing = {"step", "shadow", "buffers"} - ema.keys()
         if missing:
             raise ValueError(f"state_dict['ema'] lacks {sorted(missing)}")
-        step = ema["step"]
-        if isinstance(step, bool) or not isinstance(step, Integral) or step < 0:
-            raise ValueError(f"state_dict['ema']['step'] must be a non-negative integer, got {step!r}")
+        for key in ("step", "skipped_updates"):
+            value = ema.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+                raise ValueError(f"state_dict['ema']['{key}'] must be a non-negative integer, got {value!r}")
         if ema.get("interval", self.interval) != self.interval:
             warnings.warn(f"the checkpoint was saved with interval={ema['interval']}; continuing with "
                           f"interval={self.interval}", stacklevel=3)
@@ -280,5 +291,5 @@ class EMAOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"the saved shadow of {name} has dtype {value.dtype}, this EMA keeps "
                                      f"{shadow.dtype} (shadow_dtype=)")
                 values.append(value)
-        return int(step), values
+        return int(ema["step"]), int(ema.get("skipped_updates", 0)), values
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .backends import Backend
 from .buckets import Bucket
-from .kernels.ema import _ema_copy_kernel, _ema_swap_kernel, _ema_update_kernel
+from .kernels.ema import _ema_copy_kernel, _ema_nonfinite_kernel, _ema_swap_kernel, _ema_update_kernel
 
 # Elements per program. 2048 (16 per thread at 4 warps: four 128-bit accesses
 # of fp32) is a first choice, to be tuned by a sweep on GPU.
@@ -51,11 +51,18 @@ class TritonBackend(Backend):
             cached = bucket.cache["table"] = (table, n_full, (table.shape[0],))
         return cached
 
-    def update(self, bucket: Bucket, momentum: float) -> None:
+    def update(self, bucket: Bucket, momentum: float, skip: Tensor | None = None) -> None:
         table, n_full, grid = self._launch_args(bucket)
         if grid[0]:
-            _ema_update_kernel[grid](table, bucket.shadow, bucket.tensors[0], momentum, n_full,
-                                     BLOCK=BLOCK, num_warps=NUM_WARPS)
+            _ema_update_kernel[grid](table, bucket.shadow, bucket.tensors[0], table if skip is None else skip,
+                                     momentum, n_full, BLOCK=BLOCK, CHECK_SKIP=skip is not None, num_warps=NUM_WARPS)
+
+    def nonfinite(self, bucket: Bucket) -> Tensor:
+        table, n_full, grid = self._launch_args(bucket)
+        flag = torch.zeros((), dtype=torch.int32, device=bucket.param_device)
+        if grid[0]:
+            _ema_nonfinite_kernel[grid](table, bucket.tensors[0], flag, n_full, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        return flag
 
     def exchange(self, bucket: Bucket) -> None:
         table, n_full, grid = self._launch_args(bucket)

@@ -1,0 +1,127 @@
+"""Bad input, one row each: every one is answered by an error that names the culprit."""
+
+import pytest
+import torch
+from conftest import BACKENDS, DEVICE
+from models import make_model
+
+from triton_ema import EMAOptimizer
+from triton_ema.schedules import Cosine, Power, Warmup
+
+
+def wrapper(**kw):
+    model = make_model(device=DEVICE)
+    args = dict(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), momentum=0.1, model=model)
+    args.update(kw)
+    return EMAOptimizer(**args)
+
+
+def construct(**kw):
+    return lambda: wrapper(**kw)
+
+
+def stepped(momentum):
+    def run():
+        p = torch.nn.Parameter(torch.ones(2, device=DEVICE))
+        EMAOptimizer(torch.optim.SGD([p], lr=1), momentum=momentum).step()
+    return run
+
+
+def loading(edit):
+    def run():
+        opt = wrapper()
+        sd = opt.state_dict()
+        edit(sd)
+        opt.load_state_dict(sd)
+    return run
+
+
+def with_ints():
+    base = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1)
+    base.param_groups[0]["params"].append(torch.zeros(3, dtype=torch.int64))
+    EMAOptimizer(base, momentum=0.1)
+
+
+def shape_changed():
+    model = make_model(device=DEVICE)
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=0.5, model=model)
+    model.fc.weight.data = torch.zeros(3, 3, device=DEVICE)
+    opt.step()
+
+
+def nested_swap():
+    opt = wrapper()
+    with opt.swap_ema(), opt.swap_ema():
+        pass
+
+
+def step_in_swap():
+    opt = wrapper()
+    with opt.swap_ema():
+        opt.step()
+
+
+def non_dense_on_triton():
+    strided = torch.nn.Parameter(torch.randn(8, 8, device=DEVICE)[:, ::2])
+    EMAOptimizer(torch.optim.SGD([strided], lr=0.1), momentum=0.1, backend="triton")
+
+
+def no_model_for_ema_state_dict():
+    EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), momentum=0.1).ema_state_dict()
+
+
+ERRORS = [
+    # constructor arguments
+    ("momentum and decay", construct(decay=0.9), ValueError, "either momentum or decay .* not both"),
+    ("no momentum", construct(momentum=None), ValueError, "give momentum"),
+    ("momentum > 1", construct(momentum=1.5), ValueError, "momentum must lie in \\(0, 1\\], got 1.5"),
+    ("momentum 0", construct(momentum=0.0), ValueError, "momentum must lie in \\(0, 1\\], got 0.0"),
+    ("momentum string", construct(momentum="0.1"), TypeError, "momentum must be a float or a callable"),
+    ("decay 1", construct(momentum=None, decay=1.0), ValueError, "decay must lie in \\[0, 1\\), got 1.0"),
+    ("interval 0", construct(interval=0), ValueError, "interval must be an integer >= 1, got 0"),
+    ("interval float", construct(interval=1.5), ValueError, "interval must be an integer >= 1, got 1.5"),
+    ("buffers without model", construct(model=None, update_buffers=True), ValueError, "update_buffers=True needs model="),
+    ("unknown backend", construct(backend="cuda"), ValueError, "backend must be one of .*'cuda'"),
+    ("model not a module", construct(model="net"), TypeError, "model must be an nn.Module, got str"),
+    ("integer shadow dtype", construct(shadow_dtype=torch.int32), TypeError, "shadow_dtype must be one of"),
+    ("bad device", construct(device="nowhere"), ValueError, "device must name a torch device, got 'nowhere'"),
+    ("not an optimizer", construct(optimizer=[1, 2]), TypeError, "must be a torch.optim.Optimizer, got list"),
+    ("wrapped twice", lambda: EMAOptimizer(wrapper(), momentum=0.1), TypeError, "already an EMAOptimizer"),
+    # schedules
+    ("schedule above 1", stepped(lambda t: 2.0), ValueError, "gave 2.0 at step 0"),
+    ("schedule NaN", stepped(lambda t: float("nan")), ValueError, "gave nan at step 0"),
+    ("schedule not a number", stepped(lambda t: None), TypeError, "returned None at step 0"),
+    ("cosine without length", lambda: Cosine(0.004), ValueError, "total_steps must be a positive integer"),
+    ("negative warm-up", lambda: Warmup(0.1, warm_up=-1), ValueError, "warm_up must be a non-negative integer"),
+    ("power decay 1", lambda: Power(decay=1.0), ValueError, "decay must be < 1"),
+    # parameters
+    ("integer parameter", with_ints, TypeError, "param_groups\\[0\\]\\['params'\\]\\[1\\] has dtype torch.int64"),
+    ("shape changed", shape_changed, RuntimeError, "fc.weight changed shape from \\(7, 20\\) to \\(3, 3\\)"),
+    # state dicts
+    ("state dict not a dict", lambda: wrapper().load_state_dict([1]), TypeError, "state_dict must be a dict, got list"),
+    ("ema entry not a dict", loading(lambda sd: sd.__setitem__("ema", 3)), TypeError, "state_dict\\['ema'\\] must be a dict"),
+    ("shadow wrong shape", loading(lambda sd: sd["ema"]["shadow"].__setitem__(1, torch.zeros(2))), ValueError,
+     "saved shadow of conv.weight has shape \\(2,\\), the parameter has \\(5, 3, 3, 3\\)"),
+    ("shadow wrong dtype", loading(lambda sd: sd["ema"]["shadow"].__setitem__(0, torch.zeros((), dtype=torch.half))),
+     ValueError, "saved shadow of scale has dtype torch.float16, this EMA keeps torch.float32"),
+    ("shadow missing", loading(lambda sd: sd["ema"]["shadow"].pop(6)), ValueError, "no shadow for fc.bias"),
+    ("negative step", loading(lambda sd: sd["ema"].__setitem__("step", -3)), ValueError,
+     "\\['step'\\] must be a non-negative integer, got -3"),
+    # misuse
+    ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
+    ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),
+    ("ema_state_dict without model", no_model_for_ema_state_dict, RuntimeError, "needs the model: pass model="),
+]
+if "triton" in BACKENDS:
+    ERRORS.append(("non-dense param on triton", non_dense_on_triton, ValueError,
+                   "param_groups\\[0\\]\\['params'\\]\\[0\\] is a non-dense view"))
+
+
+@pytest.mark.parametrize("make, error, match", [pytest.param(*row[1:], id=row[0]) for row in ERRORS])
+def test_bad_input_is_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_the_table_is_long_enough():
+    assert len(ERRORS) >= 20
