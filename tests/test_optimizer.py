@@ -258,3 +258,18 @@ def test_bad_schedule_value_leaves_everything_untouched():
     with pytest.raises(ValueError, match="at step 1"):
         opt.step()
     assert opt.num_steps == 1 and torch.equal(p, snapshot[0]) and torch.equal(shadows(opt)[0], snapshot[1][0])
+
+
+@pytest.mark.parametrize("shadow_dtype", [None, torch.float16], ids=["wider", "narrower"])
+def test_mixed_dtype_updates_convert_in_bounded_groups(monkeypatch, shadow_dtype):
+    from triton_ema import backends
+
+    monkeypatch.setattr(backends, "GROUP_NUMEL", 50)  # many groups, and tensors larger than one group
+    model = make_model(torch.bfloat16, device=DEVICE)
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=0.3, shadow_dtype=shadow_dtype,
+                       backend="torch")
+    before = shadows(opt)
+    train_step(model, opt, batches(1, torch.bfloat16, device=DEVICE)[0])
+    for s_old, s_new, p in zip(before, shadows(opt), model.parameters()):
+        p64, s64 = p.detach().double(), s_old.double()
+        assert_ulps(s_new, s64 + 0.3 * (p64 - s64), scale=torch.maximum(s64.abs(), p64.abs()))

@@ -69,6 +69,23 @@ class Backend(abc.ABC):
             bucket.stash = None
 
 
+# Mixed-dtype updates convert at most this many elements at a time (256 MB of
+# float32 temporaries at most, beyond a single larger tensor).
+GROUP_NUMEL = 2**26
+
+
+def _groups(tensors: list[Tensor]) -> list[list[int]]:
+    """Consecutive index groups of at most GROUP_NUMEL elements (or one tensor)."""
+    groups, size = [[]], 0
+    for i, t in enumerate(tensors):
+        if groups[-1] and size + t.numel() > GROUP_NUMEL:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += t.numel()
+    return groups
+
+
 class TorchBackend(Backend):
     """Foreach ops over the bucket's views: any device, any floating dtype."""
 
@@ -93,14 +110,16 @@ class TorchBackend(Backend):
             torch._foreach_lerp_(bucket.views, bucket.tensors, momentum)
             return
         compute = torch.promote_types(torch.promote_types(shadow_dtype, param_dtype), torch.float32)
-        ends = bucket.new_flat(compute, bucket.shadow.device)
-        torch._foreach_copy_(bucket.views_of(ends), bucket.tensors)
-        if shadow_dtype == compute:
-            torch._foreach_lerp_(bucket.views, bucket.views_of(ends), momentum)
-        else:
-            wide = bucket.shadow.to(compute)
-            torch._foreach_lerp_(bucket.views_of(wide), bucket.views_of(ends), momentum)
-            bucket.shadow.copy_(wide)
+        device = bucket.shadow.device
+        for group in _groups(bucket.tensors):
+            ends = [bucket.tensors[i].to(device, compute) for i in group]
+            views = [bucket.views[i] for i in group]
+            if shadow_dtype == compute:
+                torch._foreach_lerp_(views, ends, momentum)
+            else:
+                wide = [v.to(compute) for v in views]
+                torch._foreach_lerp_(wide, ends, momentum)
+                torch._foreach_copy_(views, wide)
 
     def exchange(self, bucket: Bucket) -> None:
         # Three XORs on the bit patterns: bitwise exact and no temporary.

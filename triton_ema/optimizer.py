@@ -158,11 +158,14 @@ class EMAOptimizer(torch.optim.Optimizer):
         momentum = momentum_at(self.schedule, t) if t % self.interval == 0 else None
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         if momentum is not None:
-            with torch.no_grad():
-                self._sync()
-                self._store.update(momentum, self.skip_nonfinite)
+            self._update_ema(momentum)
         self._step = t + 1
         return loss
+
+    @torch.no_grad()
+    def _update_ema(self, momentum: float) -> None:
+        self._sync()
+        self._store.update(momentum, self.skip_nonfinite)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

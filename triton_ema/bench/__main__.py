@@ -1,0 +1,151 @@
+"""``python -m triton_ema.bench``: a quick sweep of every EMA provider on this device.
+
+Prints a table, writes ``bench.json`` (device, versions, commit, date, every
+row) and ``bench.png`` (GB/s by provider and workload) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .measure import WORKLOADS, environment, job_bytes, median, peak_extra_bytes, timer
+from .providers import clone_params, copy_job, providers
+
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.float32)}
+JOBS = ("update", "swap", "step")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m triton_ema.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=None,
+                   help="default: 2000x4096 and gpt2-small, and 1b on a GPU")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"],
+                   help="fp32: fp32 params and shadows; bf16: bf16 params, fp32 shadows")
+    p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS))
+    p.add_argument("--reps", type=int, default=None, help="timed calls per row (default: 5 on CPU, 100 on GPU)")
+    p.add_argument("--tiny", action="store_true", help="tiny workloads: checks the machinery, measures nothing")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.workloads is None:
+        args.workloads = ["tiny-many", "tiny-gpt2"] if args.tiny else [
+            w for w in ("2000x4096", "gpt2-small", "1b") if args.device.type == "cuda" or not WORKLOADS[w].gpu_only]
+    args.reps = args.reps or (3 if args.tiny else 5 if args.device.type == "cpu" else 100)
+    return args
+
+
+def run_row(provider, job, workload, dtype_name, args, measure):
+    param_dtype, shadow_dtype = DTYPES[dtype_name]
+    params = clone_params(workload.params(param_dtype, args.device))
+    if job == "step":
+        for p in params:
+            p.grad = torch.randn_like(p)
+    fn = provider.jobs[job](params, shadow_dtype)
+    seconds = median(measure(fn, args.reps))
+    peak = peak_extra_bytes(fn, args.device)
+    nbytes = job_bytes(job, param_dtype.itemsize, shadow_dtype.itemsize)
+    gbps = nbytes * workload.numel / seconds / 1e9 if nbytes else None
+    del fn, params
+    gc.collect()
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+    shadow = shadow_dtype if provider.own_shadow_dtype else param_dtype
+    return {"job": job, "workload": workload.name, "tensors": len(workload.shapes), "numel": workload.numel,
+            "dtype": dtype_name, "shadow": str(shadow).replace("torch.", ""), "provider": provider.name, "median_ms": seconds * 1e3, "gbps": gbps,
+            "peak_extra_mb": None if peak is None else peak / 2**20}
+
+
+def add_ratios(rows, copy_gbps):
+    """Fraction of copy bandwidth, and how much faster the best triton-ema is than each row."""
+    for row in rows:
+        row["copy_fraction"] = row["gbps"] / copy_gbps if row["gbps"] else None
+        group = [r for r in rows if (r["job"], r["workload"], r["dtype"]) == (row["job"], row["workload"], row["dtype"])]
+        ours = min((r["median_ms"] for r in group if r["provider"].startswith("triton-ema")), default=None)
+        row["triton_ema_speedup"] = row["median_ms"] / ours if ours else None
+
+
+def table(rows) -> str:
+    head = (f"{'job':6} {'workload':11} {'dtype':5} {'provider':26} {'shadow':8} {'ms':>9} {'GB/s':>7} {'copy%':>6} "
+            f"{'ours x':>7} {'+MB':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        gbps = f"{r['gbps']:7.1f}" if r["gbps"] else f"{'-':>7}"
+        frac = f"{100 * r['copy_fraction']:5.0f}%" if r["copy_fraction"] else f"{'-':>6}"
+        extra = f"{r['peak_extra_mb']:8.1f}" if r["peak_extra_mb"] is not None else f"{'-':>8}"
+        lines.append(f"{r['job']:6} {r['workload']:11} {r['dtype']:5} {r['provider']:26} {r['shadow']:8} {r['median_ms']:9.3f} "
+                     f"{gbps} {frac} {r['triton_ema_speedup']:6.2f}x {extra}")
+    return "\n".join(lines)
+
+
+def plot(rows, env, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = [j for j in ("update", "swap") if any(r["job"] == j and r["gbps"] for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(jobs)), figsize=(7 * max(1, len(jobs)), 4.5), squeeze=False)
+    for ax, job in zip(axes[0], jobs):
+        sel = [r for r in rows if r["job"] == job and r["gbps"]]
+        groups = list(dict.fromkeys(f"{r['workload']}\n{r['dtype']}" for r in sel))
+        names = list(dict.fromkeys(r["provider"] for r in sel))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            values = {f"{r['workload']}\n{r['dtype']}": r["gbps"] for r in sel if r["provider"] == name}
+            ax.bar([g + i * width for g in range(len(groups))], [values.get(g, 0) for g in groups], width, label=name)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+        ax.axhline(env["copy_gbps"], color="black", linestyle="--", linewidth=1, label="device copy")
+        ax.set(ylabel="GB/s (bytes the job must move / time)", title=f"EMA {job}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.suptitle(f"{env['device']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    from tqdm.auto import tqdm
+
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    measure = timer(args.device)
+    env = environment(args.device)
+    copy_fn, copy_bytes = copy_job(2**16 if args.tiny else 2**26 if args.device.type == "cpu" else 2**28, args.device)
+    env["copy_gbps"] = copy_bytes / median(measure(copy_fn, args.reps)) / 1e9
+    del copy_fn
+
+    available = [p for p in providers() if p.absent is None]
+    env["absent"] = {p.name: p.absent for p in providers() if p.absent is not None}
+    tasks = [(p, job, WORKLOADS[w], d) for job in args.jobs for w in args.workloads for d in args.dtypes
+             for p in available if job in p.jobs]
+    rows = [run_row(p, job, w, d, args, measure)
+            for p, job, w, d in tqdm(tasks, desc="bench", unit="row", disable=args.quiet)]
+    add_ratios(rows, env["copy_gbps"])
+
+    result = {"environment": env, "rows": rows}
+    json_path, png_path = args.out / "bench.json", args.out / "bench.png"
+    json_path.write_text(json.dumps(result, indent=1))
+    plot(rows, env, png_path)
+    print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}; commit {env['commit']}; {env['date']}")
+    print(f"device copy: {env['copy_gbps']:.1f} GB/s")
+    print(table(rows))
+    for name, why in env["absent"].items():
+        print(f"absent: {name}: {why}")
+    print("GB/s counts the bytes the job must move with the shadow dtype asked for (fp32 for bf16 params); a provider\n"
+          "that keeps shadows in the params' dtype (see 'shadow') moves fewer, so its GB/s reads high.")
+    print(f"wrote {json_path} and {png_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,167 @@
+"""Workloads, timing, memory and the facts of the machine, for the benchmarks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import datetime
+import functools
+import gc
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    gpu_only: bool = False
+
+    @property
+    def numel(self) -> int:
+        return sum(torch.Size(s).numel() for s in self.shapes)
+
+    def params(self, dtype: torch.dtype, device: torch.device, seed: int = 0) -> list[Tensor]:
+        g = torch.Generator(device=device).manual_seed(seed)
+        return [torch.nn.Parameter(torch.randn(s, generator=g, device=device).to(dtype)) for s in self.shapes]
+
+
+def gpt2_small_shapes(d: int = 768, layers: int = 12, vocab: int = 50257, ctx: int = 1024) -> tuple:
+    """GPT-2 small's parameter list: 148 tensors, 124.4M elements."""
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return ((vocab, d), (ctx, d), *block * layers, (d,), (d,))
+
+
+WORKLOADS = {
+    "2000x4096": Workload("2000x4096", ((4096,),) * 2000),
+    "gpt2-small": Workload("gpt2-small", gpt2_small_shapes()),
+    "1b": Workload("1b", ((4096, 813),) * 300, gpu_only=True),  # 999M in 300 tensors
+    # Tiny stand-ins, for smoke tests of the machinery itself.
+    "tiny-many": Workload("tiny-many", ((64,),) * 40),
+    "tiny-gpt2": Workload("tiny-gpt2", gpt2_small_shapes(d=16, layers=2, vocab=100, ctx=32)),
+}
+
+# Bytes a job must move per element, for (param bytes, shadow bytes): the design's formulas.
+def job_bytes(job: str, ep: int, es: int) -> int | None:
+    if job == "update":  # read param, read + write shadow
+        return ep + 2 * es
+    if job == "swap":  # in and out: an in-place exchange twice, or stash + copy in, copy back
+        return 4 * (ep + es) if ep == es else 5 * ep + es
+    return None  # a whole optimizer step: time only
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object], int], list[float]]:
+    """Seconds per call, for ``reps`` calls after a warm-up call."""
+    def cuda_time(fn, reps):
+        import triton.testing
+
+        fn()
+        ms = triton.testing.do_bench(fn, warmup=25, rep=max(100, reps * 10), return_mode="all")
+        return [m / 1e3 for m in ms]
+
+    def cpu_time(fn, reps):
+        fn()
+        out = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+        return out
+
+    return cuda_time if device.type == "cuda" else cpu_time
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+@functools.cache
+def _libc():
+    """glibc, set to hand every block of 64 KiB or more straight back to the OS
+    when freed, so that resident memory follows what is allocated; or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also stops glibc from raising it)
+        return libc
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak memory a call takes beyond what was in use before it.
+
+    CUDA: the caching allocator's peak. CPU (Linux): the process's peak
+    resident memory (VmHWM, reset through /proc/self/clear_refs) over its
+    resident memory before the call; None where that cannot be read."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    _release_freed_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+        base = _rss_kb("VmRSS")
+        fn()
+        return max(0, _rss_kb("VmHWM") - base) * 1024
+    except OSError:
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,208 @@
+"""Every EMA a user might pick, each run the way its users run it.
+
+A provider turns (params, shadow dtype) into a zero-argument function that
+does one job: ``update`` (one EMA update), ``swap`` (EMA weights in and the
+training weights back) or ``step`` (a whole AdamW step, with or without EMA).
+Peers that are not installed are reported absent, never faked.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import EMAOptimizer
+
+MOMENTUM = 1e-3  # decay 0.999: the value does not change the cost
+Job = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    jobs: dict[str, Callable[[list[Tensor], torch.dtype], Job]]
+    absent: str | None = None  # why it cannot run here
+    own_shadow_dtype: bool = True  # False: keeps shadows in the params' dtype (a deep copy), whatever is asked
+
+
+def _module(params: list[Tensor]) -> nn.Module:
+    return nn.ParameterList([p if isinstance(p, nn.Parameter) else nn.Parameter(p) for p in params])
+
+
+def _shadows(params: list[Tensor], shadow_dtype: torch.dtype) -> list[Tensor]:
+    return [p.detach().to(shadow_dtype, copy=True) for p in params]
+
+
+def _ends(params: list[Tensor], shadow_dtype: torch.dtype) -> list[Tensor]:
+    """What a peer lerps toward: the params, upcast when the shadow is wider."""
+    return [p.detach() if p.dtype == shadow_dtype else p.detach().to(shadow_dtype) for p in params]
+
+
+# --- triton-ema ------------------------------------------------------------
+
+
+def _ema(params, shadow_dtype, backend) -> EMAOptimizer:
+    return EMAOptimizer(torch.optim.SGD(params, lr=0.0), momentum=MOMENTUM, shadow_dtype=shadow_dtype,
+                        backend=backend)
+
+
+def triton_ema(backend: str) -> Provider:
+    def update(params, shadow_dtype):
+        opt = _ema(params, shadow_dtype, backend)
+        return lambda: opt._update_ema(MOMENTUM)  # the EMA part of opt.step(), storage checks included
+
+    def swap(params, shadow_dtype):
+        opt = _ema(params, shadow_dtype, backend)
+
+        def run():
+            with opt.swap_ema():
+                pass
+        return run
+
+    def step(params, shadow_dtype):
+        opt = EMAOptimizer(torch.optim.AdamW(params, lr=1e-6), momentum=MOMENTUM, shadow_dtype=shadow_dtype,
+                           backend=backend)
+        return opt.step
+
+    absent = None
+    if backend == "triton":
+        probe = torch.nn.Parameter(torch.zeros(16, device="cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            _ema([probe], None, "triton")
+        except (ValueError, ImportError) as err:
+            absent = str(err)
+    return Provider(f"triton-ema[{backend}]", {"update": update, "swap": swap, "step": step}, absent)
+
+
+# --- torch and the loops other libraries use ----------------------------------
+
+
+def _foreach_lerp(params, shadow_dtype):
+    shadows = _shadows(params, shadow_dtype)
+    if all(p.dtype == shadow_dtype for p in params):
+        return lambda: torch._foreach_lerp_(shadows, [p.detach() for p in params], MOMENTUM)
+    return lambda: torch._foreach_lerp_(shadows, _ends(params, shadow_dtype), MOMENTUM)
+
+
+def _mul_add_loop(params, shadow_dtype):  # mmcv EMAHook
+    shadows = _shadows(params, shadow_dtype)
+
+    def run():
+        for s, p in zip(shadows, params):
+            s.mul_(1 - MOMENTUM).add_(p.detach(), alpha=MOMENTUM)
+    return run
+
+
+def _lerp_loop(params, shadow_dtype):  # mmengine ExponentialMovingAverage
+    shadows = _shadows(params, shadow_dtype)
+
+    def run():
+        for s, p in zip(shadows, params):
+            s.lerp_(p.detach().to(s.dtype), MOMENTUM)
+    return run
+
+
+def _foreach_mul_add(params, shadow_dtype):  # NeMo EMAOptimizer
+    shadows = _shadows(params, shadow_dtype)
+
+    def run():
+        torch._foreach_mul_(shadows, 1 - MOMENTUM)
+        torch._foreach_add_(shadows, [p.detach() for p in params], alpha=MOMENTUM)
+    return run
+
+
+def _averaged_model(params, shadow_dtype):  # keeps the params' dtype: a deep copy
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    module = _module(params)
+    averaged = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(1 - MOMENTUM))
+    averaged.update_parameters(module)  # the first call only copies
+    return lambda: averaged.update_parameters(module)
+
+
+def _clone_copy_swap(params, shadow_dtype):  # mmengine / NeMo style swap
+    shadows = _shadows(params, shadow_dtype)
+
+    def run():
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in params]
+            for p, s in zip(params, shadows):
+                p.copy_(s)
+            for p, b in zip(params, backup):
+                p.copy_(b)
+    return run
+
+
+def _peer(module_name: str) -> str | None:
+    try:
+        __import__(module_name)
+    except ImportError:
+        return f"{module_name} is not installed (pip install -e '.[perf]')"
+    return None
+
+
+def _torch_ema_update(params, shadow_dtype):
+    from torch_ema import ExponentialMovingAverage
+
+    ema = ExponentialMovingAverage(params, decay=1 - MOMENTUM, use_num_updates=False)
+    return ema.update
+
+
+def _torch_ema_swap(params, shadow_dtype):
+    from torch_ema import ExponentialMovingAverage
+
+    ema = ExponentialMovingAverage(params, decay=1 - MOMENTUM, use_num_updates=False)
+
+    def run():
+        ema.store()
+        ema.copy_to()
+        ema.restore()
+    return run
+
+
+def _ema_pytorch_update(params, shadow_dtype):
+    from ema_pytorch import EMA
+
+    module = _module(params)
+    ema = EMA(module, beta=1 - MOMENTUM, update_after_step=0, update_every=1, power=1.0, inv_gamma=1.0)
+    ema.update()  # the first calls only copy
+    ema.update()
+    return ema.update
+
+
+def _adamw_step(params, shadow_dtype):
+    return torch.optim.AdamW(params, lr=1e-6).step
+
+
+def providers() -> list[Provider]:
+    """Every provider, ours first."""
+    return [
+        triton_ema("triton"),
+        triton_ema("torch"),
+        Provider("foreach_lerp", {"update": _foreach_lerp}),
+        Provider("loop mul_+add_ (mmcv)", {"update": _mul_add_loop}),
+        Provider("loop lerp_ (mmengine)", {"update": _lerp_loop}),
+        Provider("foreach mul_+add_ (NeMo)", {"update": _foreach_mul_add}),
+        Provider("AveragedModel", {"update": _averaged_model}, own_shadow_dtype=False),
+        Provider("torch_ema", {"update": _torch_ema_update, "swap": _torch_ema_swap}, _peer("torch_ema"),
+                 own_shadow_dtype=False),
+        Provider("ema_pytorch", {"update": _ema_pytorch_update}, _peer("ema_pytorch"), own_shadow_dtype=False),
+        Provider("clone+copy swap", {"swap": _clone_copy_swap}),
+        Provider("AdamW alone", {"step": _adamw_step}),
+    ]
+
+
+def copy_job(numel: int, device: torch.device) -> tuple[Job, int]:
+    """A plain device copy and the bytes it moves: the bandwidth to compare against."""
+    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * src.nbytes
+
+
+def clone_params(params: list[Tensor]) -> list[nn.Parameter]:
+    """Fresh parameters with the same values: every provider gets its own."""
+    return [nn.Parameter(copy.deepcopy(p.detach())) for p in params]
