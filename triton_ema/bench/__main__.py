@@ -93,6 +93,7 @@ def plot(rows, env, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     jobs = [j for j in ("update", "swap") if any(r["job"] == j and r["gbps"] for r in rows)]
+    own_dtype = {r["provider"] for r in rows if r["dtype"] == "bf16" and r["shadow"] != "float32"}
     fig, axes = plt.subplots(1, max(1, len(jobs)), figsize=(7 * max(1, len(jobs)), 4.5), squeeze=False)
     for ax, job in zip(axes[0], jobs):
         sel = [r for r in rows if r["job"] == job and r["gbps"]]
@@ -101,16 +102,24 @@ def plot(rows, env, path: Path) -> None:
         width = 0.8 / len(names)
         for i, name in enumerate(names):
             values = {f"{r['workload']}\n{r['dtype']}": r["gbps"] for r in sel if r["provider"] == name}
-            ax.bar([g + i * width for g in range(len(groups))], [values.get(g, 0) for g in groups], width, label=name)
+            label = f"{name} *" if name in own_dtype else name
+            ax.bar([g + i * width for g in range(len(groups))], [values.get(g, 0) for g in groups], width, label=label)
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
         ax.axhline(env["copy_gbps"], color="black", linestyle="--", linewidth=1, label="device copy")
         ax.set(ylabel="GB/s (bytes the job must move / time)", title=f"EMA {job}")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    fig.suptitle(f"{env['device']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
+        ax.legend(fontsize=7)
+    note = "; * keeps bf16 shadows for bf16 params (moves fewer bytes than counted)" if own_dtype else ""
+    fig.suptitle(f"{env['device']}, torch {env['torch']}, triton {env['triton']}{note}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def replot(json_path: Path, png_path: Path) -> None:
+    """Draw the plot again from a saved ``bench.json``."""
+    result = json.loads(json_path.read_text())
+    plot(result["rows"], result["environment"], png_path)
 
 
 def main(argv=None) -> dict:
