@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from . import sharding
 from .backends import BACKENDS
 from .buckets import ShadowStore
 from .schedules import Schedule, as_schedule, momentum_at
@@ -130,22 +131,33 @@ class EMAOptimizer(torch.optim.Optimizer):
         return slots
 
     def _tracked(self) -> tuple[list[Tensor], list[str]]:
+        """The averaged tensors as the buckets see them (local shards of DTensors), and their names.
+
+        Also sets ``_objects``: the same tensors as the user sees them (params, then buffers)."""
         params, names = self._params(), self._param_names()
         for p, name in zip(params, names):
             if not p.is_floating_point():
                 raise TypeError(f"{name} has dtype {p.dtype}; only floating-point parameters can be averaged")
         buffers = [module._buffers[attr] for module, attr, _ in self._buffer_slots]
-        return params + buffers, names + [name for _, _, name in self._buffer_slots]
+        self._objects = params + buffers
+        self._num_params = len(params)
+        # Tensors whose object may be replaced under us: buffers (module.to()) and DTensor shards.
+        self._followed = [i for i, t in enumerate(params) if sharding.is_dtensor(t)]
+        self._followed += range(len(params), len(self._objects))
+        return [sharding.local(t) for t in self._objects], names + [name for _, _, name in self._buffer_slots]
 
     def _sync(self) -> None:
-        """Follow buffers that ``module.to()`` replaced and storage that moved."""
-        n = len(self._store) - len(self._buffer_slots)
+        """Follow buffers that ``module.to()`` replaced, shards that moved, and storage that moved."""
+        n = self._num_params
         for j, (module, attr, name) in enumerate(self._buffer_slots):
             buf = module._buffers.get(attr)
             if buf is None:
                 raise RuntimeError(f"buffer {name} was removed from the model; its EMA cannot follow")
-            if buf is not self._store.tensors[n + j]:
-                self._store.replace(n + j, buf)
+            self._objects[n + j] = buf
+        for i in self._followed:
+            current = sharding.local(self._objects[i])
+            if current is not self._store.tensors[i]:
+                self._store.replace(i, current)
         self._store.refresh()
 
     # --- optimizer interface ----------------------------------------------
@@ -205,33 +217,50 @@ class EMAOptimizer(torch.optim.Optimizer):
                 self._store.refresh()
                 self._store.swap_out()
 
-    def ema_state_dict(self) -> dict[str, Tensor]:
+    def ema_state_dict(self, full: bool = False) -> dict[str, Tensor]:
         """``model.state_dict()`` with EMA values for every averaged tensor, in
-        the model's dtypes; entries not averaged keep the model's values."""
+        the model's dtypes; entries not averaged keep the model's values.
+
+        Sharded (DTensor) entries stay DTensors, as ``set_model_state_dict``
+        takes them; ``full=True`` gathers them into whole tensors for export
+        (a collective: every rank must call it)."""
         if self.model is None:
             raise RuntimeError("ema_state_dict() needs the model: pass model= to EMAOptimizer")
-        index = {id(t): i for i, t in enumerate(self._store.tensors)}
+        index = {id(t): i for i, t in enumerate(self._objects)}
         out = {}
         for name, value in self.model.state_dict(keep_vars=True).items():
             i = index.get(id(value))
-            out[name] = value.detach() if i is None else self._store.ema(i).detach().to(value.dtype)
+            ema = value.detach() if i is None else sharding.like(self._store.ema(i).detach().to(value.dtype), value)
+            out[name] = sharding.full(ema) if full else ema
         return out
 
     # --- checkpoints -----------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus ``"ema"``. The shadows are
-        views of the live EMA (no copy), as optimizer state tensors are."""
+        views of the live EMA (no copy), as optimizer state tensors are;
+        shadows of DTensor params are DTensors with the params' placements."""
         sd = self.optimizer.state_dict()
-        n = len(self._store) - len(self._buffer_slots)
-        sd["ema"] = {
+        sd["ema"] = self._ema_state()
+        return sd
+
+    def _ema_state(self) -> dict[str, Any]:
+        n = self._num_params
+        shadow = [sharding.like(self._store.ema(i).detach(), self._objects[i]) for i in range(len(self._store))]
+        return {
             "step": self._step,
             "interval": self.interval,
             "skipped_updates": self._store.skipped(),
-            "shadow": {i: self._store.ema(i).detach() for i in range(n)},
-            "buffers": {name: self._store.ema(n + j).detach() for j, (_, _, name) in enumerate(self._buffer_slots)},
+            "shadow": dict(enumerate(shadow[:n])),
+            "buffers": {name: shadow[n + j] for j, (_, _, name) in enumerate(self._buffer_slots)},
         }
-        return sd
+
+    @property
+    def ema_checkpoint(self) -> _EMACheckpoint:
+        """The ``"ema"`` part of :meth:`state_dict` as a ``torch.distributed.checkpoint``
+        ``Stateful``: put it in the dict given to ``dcp.save``/``dcp.load``
+        beside the model and the wrapped optimizer's state."""
+        return _EMACheckpoint(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a dict from :meth:`state_dict`: everything is checked before anything changes."""
@@ -247,8 +276,11 @@ class EMAOptimizer(torch.optim.Optimizer):
                 self._sync()
                 self._store.reset()
             return
-        step, skipped, values = self._check_ema(state_dict["ema"])
+        checked = self._check_ema(state_dict["ema"])
         self.optimizer.load_state_dict(base)
+        self._load_ema(*checked)
+
+    def _load_ema(self, step: int, skipped: int, values: list[Tensor]) -> None:
         with torch.no_grad():
             self._sync()
             self._store.load(values)
@@ -269,7 +301,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         if ema.get("interval", self.interval) != self.interval:
             warnings.warn(f"the checkpoint was saved with interval={ema['interval']}; continuing with "
                           f"interval={self.interval}", stacklevel=3)
-        n = len(self._store) - len(self._buffer_slots)
+        n = self._num_params
         saved = [("shadow", ema["shadow"], list(range(n))),
                  ("buffers", ema["buffers"], [name for _, _, name in self._buffer_slots])]
         values = []
@@ -284,15 +316,31 @@ class EMAOptimizer(torch.optim.Optimizer):
                 name = self._store.names[i]
                 if k not in entries:
                     raise ValueError(f"state_dict['ema']['{key}'] has no shadow for {name} (key {k!r})")
-                value, shadow = entries[k], self._store.shadow_view(i)
+                value, shadow, target = entries[k], self._store.shadow_view(i), self._objects[i]
                 if not isinstance(value, Tensor):
                     raise TypeError(f"the saved shadow of {name} is a {type(value).__name__}, not a tensor")
-                if value.shape != shadow.shape:
+                if value.shape != target.shape:
                     raise ValueError(f"the saved shadow of {name} has shape {tuple(value.shape)}, "
-                                     f"the parameter has {tuple(shadow.shape)}")
+                                     f"the parameter has {tuple(target.shape)}")
                 if value.dtype != shadow.dtype:
                     raise ValueError(f"the saved shadow of {name} has dtype {value.dtype}, this EMA keeps "
                                      f"{shadow.dtype} (shadow_dtype=)")
                 values.append(value)
+        # Shards last: taking a rank's shard of a full or differently sharded value may communicate.
+        values = [sharding.local_value(v, t) for v, t in zip(values, self._objects)]
         return int(ema["step"]), int(ema.get("skipped_updates", 0)), values
+
+
+class _EMACheckpoint:
+    """A ``Stateful`` view of one wrapper's EMA state, for ``torch.distributed.checkpoint``."""
+
+    def __init__(self, opt: EMAOptimizer) -> None:
+        self._opt = opt
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._opt._ema_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._opt._refuse_while_swapped("loading the EMA checkpoint")
+        self._opt._load_ema(*self._opt._check_ema(state_dict))
 

@@ -1,0 +1,151 @@
+"""What each rank runs in the multi-process tests (CPU, gloo). Imported by
+spawned processes, so it holds plain module-level functions only."""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from triton_ema import EMAOptimizer
+
+BATCH, STEPS, MOMENTUM = 12, 6, 0.3  # 12 rows split evenly over 1, 2 or 3 ranks
+
+
+class Uneven(nn.Module):
+    """7 and 3 rows (uneven over 2 and 3 ranks) and a 1-element parameter (smaller than the world)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(5, 7)
+        self.l2 = nn.Linear(7, 3)
+        self.tiny = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x))) * self.tiny
+
+
+def data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 5, generator=g), torch.randn(BATCH, 3, generator=g)
+
+
+def build(kind, backend="torch", mixed=False, device="cpu"):
+    """(model to train, optimizer) for kind in single / ddp / ddp-after / fsdp."""
+    torch.manual_seed(0)
+    model = Uneven().to(device)
+    if kind == "ddp-after":  # the optimizer first, over the inner module; DDP wraps it afterwards
+        opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), momentum=MOMENTUM,
+                           model=model, backend=backend)
+        return nn.parallel.DistributedDataParallel(model), opt
+    if kind == "ddp":
+        train = nn.parallel.DistributedDataParallel(model)
+    elif kind == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if mixed else MixedPrecisionPolicy()
+        for layer in (model.l1, model.l2):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        train = model
+    else:
+        train = model
+    opt = EMAOptimizer(torch.optim.SGD(train.parameters(), lr=0.05, momentum=0.9), momentum=MOMENTUM,
+                       model=train, backend=backend)
+    return train, opt
+
+
+def train(model, opt, steps):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for t in steps:
+        x, y = (v.to(opt.param_groups[0]["params"][0].device) for v in data(t))
+        rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        loss = (model(x[rows]).float() - y[rows]).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def single(backend="torch"):
+    """The same run in one process: the reference."""
+    model, opt = build("single", backend)
+    train(model, opt, range(STEPS))
+    return {k: v.clone() for k, v in opt.ema_state_dict().items()}
+
+
+def _init(rank, world, port, device="cpu"):
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    else:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world)
+
+
+def run_ddp(rank, world, port, out, kind="ddp"):
+    _init(rank, world, port)
+    model, opt = build(kind)
+    train(model, opt, range(STEPS))
+    ema = opt.ema_state_dict()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {k: v.clone() for k, v in ema.items()})
+    if rank == 0:
+        torch.save({"ema": gathered[0], "same_on_all_ranks": all(
+            all(torch.equal(g[k], gathered[0][k]) for k in g) for g in gathered)}, out)
+    dist.destroy_process_group()
+
+
+def run_fsdp(rank, world, port, out, mixed=False, device="cpu", backend="torch"):
+    from triton_ema import sharding
+
+    _init(rank, world, port, device)
+    model, opt = build("fsdp", backend=backend, mixed=mixed, device=device)
+    backends = sorted({b.backend.name for b in opt._store.buckets})
+    local_numel = sum(sharding.local(p).numel() for p in model.parameters())
+    train(model, opt, range(STEPS))
+    x = data(99)[0].to(device)
+    before = {k: sharding.local(v).clone() for k, v in model.state_dict().items()}
+    with opt.swap_ema():
+        swapped_out = model(x).detach().clone()
+    restored = all(torch.equal(sharding.local(v), before[k]) for k, v in model.state_dict().items())
+    ema = {k: v.cpu() for k, v in opt.ema_state_dict(full=True).items()}
+    shard_sd = opt.state_dict()["ema"]["shadow"]
+    if rank == 0:
+        torch.save({"ema": ema, "swapped_out": swapped_out.cpu(), "restored": restored, "local_numel": local_numel,
+                    "shadow_types": sorted({type(v).__name__ for v in shard_sd.values()}), "backends": backends}, out)
+    dist.destroy_process_group()
+
+
+def _dcp_state(model, opt):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt.optimizer),
+            "ema": opt.ema_checkpoint}
+
+
+def run_dcp_save(rank, world, port, ckpt, stop):
+    import torch.distributed.checkpoint as dcp
+
+    _init(rank, world, port)
+    model, opt = build("fsdp")
+    train(model, opt, range(stop))
+    dcp.save(_dcp_state(model, opt), checkpoint_id=ckpt)
+    dist.destroy_process_group()
+
+
+def run_dcp_resume(rank, world, port, ckpt, stop, out):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    _init(rank, world, port)
+    model, opt = build("fsdp")
+    state = _dcp_state(model, opt)
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt.optimizer, state["optim"])
+    assert opt.num_steps == stop, opt.num_steps
+    train(model, opt, range(stop, STEPS))
+    ema = opt.ema_state_dict(full=True)
+    if rank == 0:
+        torch.save({"ema": ema}, out)
+    dist.destroy_process_group()

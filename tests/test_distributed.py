@@ -1,0 +1,83 @@
+"""DDP and FSDP2 on CPU with gloo, several processes: shard-local EMA, swaps, DCP checkpoints."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import assert_ulps
+
+import dist_cases
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="this torch build has no gloo process groups")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(fn, world, *args):
+    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dist_cases.single()
+
+
+def assert_same_ema(got, expected):
+    assert got.keys() == expected.keys()
+    for k in expected:
+        # Same math, other summation order of the gradients: float32 rounding apart.
+        assert_ulps(got[k].float(), expected[k].double(), scale=expected[k].abs().max().expand_as(expected[k]),
+                    ulps=64)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "ddp-after"], ids=["model=ddp", "model=inner"])
+def test_ddp_ranks_agree_and_match_one_process(tmp_path, reference, kind):
+    out = tmp_path / "ddp.pt"
+    launch(dist_cases.run_ddp, 2, str(out), kind)
+    result = torch.load(out, weights_only=True)
+    assert result["same_on_all_ranks"]
+    # Keys as the model the user passed: the DDP wrapper's carry "module.".
+    assert all(k.startswith("module.") == (kind == "ddp") for k in result["ema"])
+    assert_same_ema({k.removeprefix("module."): v for k, v in result["ema"].items()}, reference)
+
+
+@pytest.mark.parametrize("mixed, backend", [(False, "torch"), (True, "torch"), (False, "triton")],
+                         ids=["fp32", "bf16-compute", "fp32-triton"])
+def test_fsdp2_shard_local_ema(tmp_path, reference, mixed, backend):
+    out = tmp_path / "fsdp.pt"
+    launch(dist_cases.run_fsdp, 2, str(out), mixed, "cpu", backend)
+    result = torch.load(out, weights_only=True)
+    assert result["backends"] == [backend]
+    assert result["shadow_types"] == ["DTensor"]
+    assert result["local_numel"] < sum(v.numel() for v in reference.values())  # a shard, not a copy
+    if not mixed:
+        assert_same_ema(result["ema"], reference)
+        model, _ = dist_cases.build("single")
+        model.load_state_dict(reference)
+        expected = model(dist_cases.data(99)[0]).detach()
+        assert_ulps(result["swapped_out"], expected.double(), scale=expected.abs().max().expand_as(expected), ulps=64)
+    assert result["restored"]  # bitwise, on every parameter shard
+    assert all(v.dtype == torch.float32 for v in result["ema"].values())  # shadows follow the fp32 shards
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_dcp_save_with_two_ranks_resume_with_another_world_size(tmp_path, reference, world):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.pt"
+    launch(dist_cases.run_dcp_save, 2, str(ckpt), 3)
+    launch(dist_cases.run_dcp_resume, world, str(ckpt), 3, str(out))
+    assert_same_ema(torch.load(out, weights_only=True)["ema"], reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (NCCL, the Triton backend)")
+def test_fsdp2_world_size_1_on_cuda_with_triton(tmp_path, reference):
+    out = tmp_path / "fsdp-cuda.pt"
+    launch(dist_cases.run_fsdp, 1, str(out), False, "cuda", "triton")
+    result = torch.load(out, weights_only=True)
+    assert result["backends"] == ["triton"] and result["restored"]
+    assert_same_ema(result["ema"], reference)

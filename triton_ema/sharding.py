@@ -1,0 +1,51 @@
+"""DTensor (FSDP2) parameters: the EMA of each rank's local shard.
+
+The buckets only ever see plain local tensors; this module turns a DTensor
+parameter into its local shard and a local shadow back into a DTensor with
+the parameter's mesh and placements (no copy, no communication), for
+checkpoints that ``torch.distributed.checkpoint`` can reshard.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a build without torch.distributed
+    DTensor = None
+
+
+def is_dtensor(t: object) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor a bucket tracks: a DTensor's local shard object, or ``t`` itself."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def like(shard: Tensor, param: Tensor) -> Tensor:
+    """``shard`` (shaped like ``param``'s local shard) as a tensor shaped like ``param``."""
+    if not is_dtensor(param):
+        return shard
+    return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+def local_value(value: Tensor, param: Tensor) -> Tensor:
+    """A saved value for ``param`` as this rank's shard of it: a DTensor is
+    redistributed to ``param``'s placements; a full tensor is scattered
+    (a collective: every rank loads together)."""
+    if not is_dtensor(param):
+        return value.full_tensor() if is_dtensor(value) else value
+    if is_dtensor(value):
+        if value.device_mesh != param.device_mesh or value.placements != param.placements:
+            value = value.redistribute(param.device_mesh, param.placements)
+        return value.to_local()
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements).to_local()
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor (an all-gather for a DTensor: every rank must call)."""
+    return t.full_tensor() if is_dtensor(t) else t
