@@ -36,3 +36,12 @@ def test_perf_suites_run(tmp_path):
     jobs = {b["extra_info"]["job"] for b in benchmarks}
     assert jobs == {"update", "swap", "step"}
     assert all(b["extra_info"]["gbps"] > 0 for b in benchmarks if b["extra_info"]["job"] != "step")
+
+
+def test_kernel_sweep_runs(tmp_path):
+    out = subprocess.run([sys.executable, "perf/sweep.py", "--tiny", "--out", str(tmp_path / "sweep.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert {(r["block"], r["job"]) for r in rows} == {(b, j) for b in (256, 512) for j in ("update", "swap")}
+    assert all(r["gbps"] > 0 for r in rows)

@@ -10,7 +10,7 @@ from .buckets import Bucket
 from .kernels.ema import _ema_copy_kernel, _ema_nonfinite_kernel, _ema_swap_kernel, _ema_update_kernel
 
 # Elements per program. 2048 (16 per thread at 4 warps: four 128-bit accesses
-# of fp32) is a first choice, to be tuned by a sweep on GPU.
+# of fp32) is a first choice, untuned: perf/sweep.py measures the alternatives on a GPU.
 BLOCK = 2048
 NUM_WARPS = 4
 ALIGN_BYTES = 16  # 128-bit accesses
