@@ -82,6 +82,11 @@ def _init(rank, world, port, device="cpu"):
                             rank=rank, world_size=world)
 
 
+def _finish():
+    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts on that)
+    dist.destroy_process_group()
+
+
 def run_ddp(rank, world, port, out, kind="ddp"):
     _init(rank, world, port)
     model, opt = build(kind)
@@ -92,7 +97,7 @@ def run_ddp(rank, world, port, out, kind="ddp"):
     if rank == 0:
         torch.save({"ema": gathered[0], "same_on_all_ranks": all(
             all(torch.equal(g[k], gathered[0][k]) for k in g) for g in gathered)}, out)
-    dist.destroy_process_group()
+    _finish()
 
 
 def run_fsdp(rank, world, port, out, mixed=False, device="cpu", backend="torch"):
@@ -113,7 +118,7 @@ def run_fsdp(rank, world, port, out, mixed=False, device="cpu", backend="torch")
     if rank == 0:
         torch.save({"ema": ema, "swapped_out": swapped_out.cpu(), "restored": restored, "local_numel": local_numel,
                     "shadow_types": sorted({type(v).__name__ for v in shard_sd.values()}), "backends": backends}, out)
-    dist.destroy_process_group()
+    _finish()
 
 
 def _dcp_state(model, opt):
@@ -130,7 +135,7 @@ def run_dcp_save(rank, world, port, ckpt, stop):
     model, opt = build("fsdp")
     train(model, opt, range(stop))
     dcp.save(_dcp_state(model, opt), checkpoint_id=ckpt)
-    dist.destroy_process_group()
+    _finish()
 
 
 def run_dcp_resume(rank, world, port, ckpt, stop, out):
@@ -148,4 +153,4 @@ def run_dcp_resume(rank, world, port, ckpt, stop, out):
     ema = opt.ema_state_dict(full=True)
     if rank == 0:
         torch.save({"ema": ema}, out)
-    dist.destroy_process_group()
+    _finish()
