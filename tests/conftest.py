@@ -1,8 +1,10 @@
 """Test set-up: Triton kernels run on CPU tensors in Triton's interpreter when
 there is no GPU (TRITON_INTERPRET must be set before triton is imported)."""
 
+import gc
 import os
 import sys
+import warnings
 
 import torch
 
@@ -56,3 +58,21 @@ def assert_ulps(actual: torch.Tensor, expected: torch.Tensor, *, scale: torch.Te
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+def live_tensor_bytes():
+    """Bytes of every distinct storage a live Python tensor holds (CPU or GPU)."""
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        if obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    total = sum(storages.values())
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        total += torch.cuda.memory_allocated()
+    return total

@@ -1,11 +1,8 @@
 """Faults, the non-finite guard, and memory that stays flat."""
 
-import gc
-import warnings
-
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, live_tensor_bytes
 from models import batches, make_model, train_step
 
 from triton_ema import EMAOptimizer
@@ -90,24 +87,6 @@ def test_inf_is_caught_like_nan(backend):
         p[4099] = float("-inf")
     opt.step()
     assert torch.all(shadows(opt)[0] == 1.0) and opt.skipped_updates == 1
-
-
-def live_tensor_bytes():
-    """Bytes of every distinct storage a live Python tensor holds (CPU or GPU)."""
-    gc.collect()
-    storages = {}
-    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
-        warnings.simplefilter("ignore")
-        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
-    for obj in tensors:
-        if obj.device.type != "meta":
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    total = sum(storages.values())
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-        total += torch.cuda.memory_allocated()
-    return total
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["exchange", "stash"])
