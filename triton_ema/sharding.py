@@ -8,16 +8,20 @@ checkpoints that ``torch.distributed.checkpoint`` can reshard.
 
 from __future__ import annotations
 
+import sys
+
 from torch import Tensor
 
-try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # a build without torch.distributed
-    DTensor = None
+
+def _dtensor_type():
+    """DTensor, if anything imported it (no DTensor can exist otherwise): importing it takes half a second."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 def is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -29,7 +33,7 @@ def like(shard: Tensor, param: Tensor) -> Tensor:
     """``shard`` (shaped like ``param``'s local shard) as a tensor shaped like ``param``."""
     if not is_dtensor(param):
         return shard
-    return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False,
+    return _dtensor_type().from_local(shard, param.device_mesh, param.placements, run_check=False,
                               shape=param.shape, stride=param.stride())
 
 
@@ -43,6 +47,8 @@ def local_value(value: Tensor, param: Tensor) -> Tensor:
         if value.device_mesh != param.device_mesh or value.placements != param.placements:
             value = value.redistribute(param.device_mesh, param.placements)
         return value.to_local()
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements).to_local()
 
 
