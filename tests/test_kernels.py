@@ -55,7 +55,8 @@ def mixed_sizes(count=300, seed=0):
     return torch.randint(1, 5000, (count,), generator=g).tolist()
 
 
-CASES = [pytest.param([n], id=f"n{n}") for n in SIZES] + [pytest.param(mixed_sizes(), id="300-mixed")]
+CASES = [pytest.param([n], id=f"n{n}") for n in SIZES] + [pytest.param(mixed_sizes(), id="300-mixed"),
+                                                        pytest.param([0, 5, 3000], id="empty-first")]
 
 
 # The 2**20 + 3 case runs at one momentum, to keep the interpreter fast.
@@ -146,7 +147,7 @@ def test_storage_rebinding_rebuilds_the_table():
     table_before = opt._store.buckets[0].cache["table"][0].clone()
     p.data = torch.full((3000,), 2.0, device=DEVICE)  # the old storage is freed
     opt.step()
-    assert not torch.equal(opt._store.buckets[0].cache["table"][0], table_before)
+    assert not torch.equal(opt._store.buckets[0].cache["table"][0], table_before)  # (table, rows, grid, typed)
     assert torch.all(opt.state_dict()["ema"]["shadow"][0] == 1.0)
 
 

@@ -44,33 +44,34 @@ class TritonBackend(Backend):
     name = "triton"
 
     @staticmethod
-    def _launch_args(bucket: Bucket) -> tuple[Tensor, int, tuple[int]]:
+    def _launch_args(bucket: Bucket) -> tuple[Tensor, int, tuple[int], Tensor | None]:
+        """(table, full rows, grid, a non-empty param giving the dtype), built once per layout."""
         cached = bucket.cache.get("table")
         if cached is None:
             table, n_full = segment_table(bucket)
-            cached = bucket.cache["table"] = (table, n_full, (table.shape[0],))
+            typed = next((t for t in bucket.tensors if t.numel()), None)  # an empty one may have a null pointer
+            cached = bucket.cache["table"] = (table, n_full, (table.shape[0],), typed)
         return cached
 
     def update(self, bucket: Bucket, momentum: float, skip: Tensor | None = None) -> None:
-        table, n_full, grid = self._launch_args(bucket)
+        table, n_full, grid, typed = self._launch_args(bucket)
         if grid[0]:
-            _ema_update_kernel[grid](table, bucket.shadow, bucket.tensors[0], table if skip is None else skip,
-                                     momentum, n_full, BLOCK=BLOCK, CHECK_SKIP=skip is not None, num_warps=NUM_WARPS)
+            _ema_update_kernel[grid](table, bucket.shadow, typed, table if skip is None else skip, momentum, n_full,
+                                     BLOCK=BLOCK, CHECK_SKIP=skip is not None, num_warps=NUM_WARPS)
 
     def nonfinite(self, bucket: Bucket) -> Tensor:
-        table, n_full, grid = self._launch_args(bucket)
+        table, n_full, grid, typed = self._launch_args(bucket)
         flag = torch.zeros((), dtype=torch.int32, device=bucket.param_device)
         if grid[0]:
-            _ema_nonfinite_kernel[grid](table, bucket.tensors[0], flag, n_full, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            _ema_nonfinite_kernel[grid](table, typed, flag, n_full, BLOCK=BLOCK, num_warps=NUM_WARPS)
         return flag
 
     def exchange(self, bucket: Bucket) -> None:
-        table, n_full, grid = self._launch_args(bucket)
+        table, n_full, grid, typed = self._launch_args(bucket)
         if grid[0]:
-            _ema_swap_kernel[grid](table, bucket.shadow, bucket.tensors[0], n_full, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            _ema_swap_kernel[grid](table, bucket.shadow, typed, n_full, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
     def copy(self, bucket: Bucket, flat: Tensor, to_params: bool) -> None:
-        table, n_full, grid = self._launch_args(bucket)
+        table, n_full, grid, typed = self._launch_args(bucket)
         if grid[0]:
-            _ema_copy_kernel[grid](table, flat, bucket.tensors[0], n_full, BLOCK=BLOCK, TO_PARAMS=to_params,
-                                   num_warps=NUM_WARPS)
+            _ema_copy_kernel[grid](table, flat, typed, n_full, BLOCK=BLOCK, TO_PARAMS=to_params, num_warps=NUM_WARPS)
