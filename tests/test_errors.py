@@ -42,6 +42,13 @@ def with_ints():
     EMAOptimizer(base, momentum=0.1)
 
 
+def duplicated():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.warns(UserWarning, match="duplicate"):  # torch itself only warns
+        base = torch.optim.SGD([p, p], lr=0.1)
+    EMAOptimizer(base, momentum=0.1)
+
+
 def shape_changed():
     model = make_model(device=DEVICE)
     opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=0.5, model=model)
@@ -96,6 +103,8 @@ ERRORS = [
     ("power decay 1", lambda: Power(decay=1.0), ValueError, "decay must be < 1"),
     # parameters
     ("integer parameter", with_ints, TypeError, "param_groups\\[0\\]\\['params'\\]\\[1\\] has dtype torch.int64"),
+    ("duplicate parameter", duplicated, ValueError,
+     "param_groups\\[0\\]\\['params'\\]\\[1\\] is the same tensor as param_groups\\[0\\]\\['params'\\]\\[0\\]"),
     ("shape changed", shape_changed, RuntimeError, "fc.weight changed shape from \\(7, 20\\) to \\(3, 3\\)"),
     # state dicts
     ("state dict not a dict", lambda: wrapper().load_state_dict([1]), TypeError, "state_dict must be a dict, got list"),

@@ -97,3 +97,23 @@ def test_equal_dtype_swap_allocates_nothing(backend):
     with opt.swap_ema():
         assert live_tensor_bytes() == before
     assert live_tensor_bytes() == before
+
+
+def test_compiled_model_sees_the_swap(backend):
+    # Swaps change values in place (no rebinding), so a compiled model needs no recompile to see them.
+    model = make_model(device=DEVICE)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = EMAOptimizer(torch.optim.SGD(compiled.parameters(), lr=0.1, momentum=0.9), momentum=0.5, model=compiled,
+                       backend=backend)
+    for batch in batches(3, device=DEVICE):
+        train_step(compiled, opt, batch)
+    x = batches(1, seed=7, device=DEVICE)[0][0]
+    compiled.eval()
+    training_out = compiled(x)
+    with opt.swap_ema():
+        ema_out = compiled(x)
+    assert torch.equal(compiled(x), training_out)
+    reference = make_model(seed=3, device=DEVICE).eval()
+    reference.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in opt.ema_state_dict().items()})
+    torch.testing.assert_close(ema_out, reference(x), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(ema_out, training_out)

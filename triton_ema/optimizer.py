@@ -135,9 +135,13 @@ class EMAOptimizer(torch.optim.Optimizer):
 
         Also sets ``_objects``: the same tensors as the user sees them (params, then buffers)."""
         params, names = self._params(), self._param_names()
+        seen = {}
         for p, name in zip(params, names):
             if not p.is_floating_point():
                 raise TypeError(f"{name} has dtype {p.dtype}; only floating-point parameters can be averaged")
+            if id(p) in seen:  # a swap would exchange it twice, i.e. not at all
+                raise ValueError(f"{name} is the same tensor as {seen[id(p)]}; list each parameter once")
+            seen[id(p)] = name
         buffers = [module._buffers[attr] for module, attr, _ in self._buffer_slots]
         self._objects = params + buffers
         self._num_params = len(params)
