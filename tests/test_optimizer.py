@@ -273,3 +273,18 @@ def test_mixed_dtype_updates_convert_in_bounded_groups(monkeypatch, shadow_dtype
     for s_old, s_new, p in zip(before, shadows(opt), model.parameters()):
         p64, s64 = p.detach().double(), s_old.double()
         assert_ulps(s_new, s64 + 0.3 * (p64 - s64), scale=torch.maximum(s64.abs(), p64.abs()))
+
+
+def test_optimizer_hooks_run_once_on_the_wrapper():
+    model = make_model(device=DEVICE)
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=0.5)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("saved") or {**sd, "note": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("loading") or {k: v for k, v in sd.items()
+                                                                                   if k != "note"})
+    train_step(model, opt, batches(1, device=DEVICE)[0])
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+    assert calls == ["pre", "post", "saved", "loading"] and sd["note"] == 1

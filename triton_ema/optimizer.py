@@ -244,8 +244,12 @@ class EMAOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's state dict plus ``"ema"``. The shadows are
         views of the live EMA (no copy), as optimizer state tensors are;
         shadows of DTensor params are DTensors with the params' placements."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.optimizer.state_dict()
         sd["ema"] = self._ema_state()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            sd = post_hook(self, sd) or sd
         return sd
 
     def _ema_state(self) -> dict[str, Any]:
@@ -271,10 +275,17 @@ class EMAOptimizer(torch.optim.Optimizer):
         self._refuse_while_swapped("load_state_dict()")
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict.copy()) or state_dict
+        self._load(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
         base = {k: v for k, v in state_dict.items() if k != "ema"}
         if "ema" not in state_dict:
             warnings.warn("state_dict has no 'ema' entry (saved from a bare optimizer?): the optimizer state is "
-                          f"loaded and the EMA restarts from the current weights at step {self._step}", stacklevel=2)
+                          f"loaded and the EMA restarts from the current weights at step {self._step}", stacklevel=3)
             self.optimizer.load_state_dict(base)
             with torch.no_grad():
                 self._sync()
@@ -304,7 +315,7 @@ class EMAOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"state_dict['ema']['{key}'] must be a non-negative integer, got {value!r}")
         if ema.get("interval", self.interval) != self.interval:
             warnings.warn(f"the checkpoint was saved with interval={ema['interval']}; continuing with "
-                          f"interval={self.interval}", stacklevel=3)
+                          f"interval={self.interval}", stacklevel=4)
         n = self._num_params
         saved = [("shadow", ema["shadow"], list(range(n))),
                  ("buffers", ema["buffers"], [name for _, _, name in self._buffer_slots])]
