@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import DEVICE
 
@@ -51,3 +52,8 @@ def test_command_line_entry_point(tmp_path):
                           "--out", str(tmp_path), "--quiet", "--device", str(DEVICE)],
                          capture_output=True, text=True, check=True, timeout=300)
     assert "held-out accuracy" in out.stdout and (tmp_path / "demo.png").exists()
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        tiny(tmp_path, 1, "--resume")

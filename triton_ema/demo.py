@@ -117,6 +117,8 @@ def run(argv: list[str] | None = None) -> dict:
     history, start = [], 0
     ckpt_path = args.out / CHECKPOINT
     if args.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}; run without --resume first (or set --out)")
         ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
