@@ -22,7 +22,8 @@ def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
     assert set(env["absent"]) == {p.name for p in providers()} - present
     for r in rows:
         assert r["median_ms"] > 0 and r["peak_extra_mb"] >= 0 and r["triton_ema_speedup"] > 0
-        assert (r["gbps"] is None) == (r["job"] == "step")
+        assert (r["gbps"] is None) == (r["job"] in ("step", "host"))
+    assert {r["job"] for r in rows} == {"update", "swap", "step", "host"}
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "device copy:" in capsys.readouterr().out
 

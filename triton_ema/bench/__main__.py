@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .measure import WORKLOADS, environment, job_bytes, median, peak_extra_bytes, timer
+from .measure import WORKLOADS, environment, host_time, job_bytes, median, peak_extra_bytes, timer
 from .providers import clone_params, copy_job, providers
 
 DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.float32)}
-JOBS = ("update", "swap", "step")
+JOBS = ("update", "swap", "step", "host")
+HOST_WORKLOAD = "1000x4096"  # the host time of an EMA update is measured on 1,000 tensors
 
 
 def parse_args(argv):
@@ -50,7 +51,7 @@ def run_row(provider, job, workload, dtype_name, args, measure):
         for p in params:
             p.grad = torch.randn_like(p)
     fn = provider.jobs[job](params, shadow_dtype)
-    seconds = median(measure(fn, args.reps))
+    seconds = median(host_time(fn, args.reps, args.device) if job == "host" else measure(fn, args.reps))
     peak = peak_extra_bytes(fn, args.device)
     nbytes = job_bytes(job, param_dtype.itemsize, shadow_dtype.itemsize)
     gbps = nbytes * workload.numel / seconds / 1e9 if nbytes else None
@@ -135,8 +136,9 @@ def main(argv=None) -> dict:
 
     available = [p for p in providers() if p.absent is None]
     env["absent"] = {p.name: p.absent for p in providers() if p.absent is not None}
-    tasks = [(p, job, WORKLOADS[w], d) for job in args.jobs for w in args.workloads for d in args.dtypes
-             for p in available if job in p.jobs]
+    host = ["tiny-many"] if args.tiny else [HOST_WORKLOAD]
+    tasks = [(p, job, WORKLOADS[w], d) for job in args.jobs for w in (host if job == "host" else args.workloads)
+             for d in args.dtypes for p in available if job in p.jobs]
     rows = [run_row(p, job, w, d, args, measure)
             for p, job, w, d in tqdm(tasks, desc="bench", unit="row", disable=args.quiet)]
     add_ratios(rows, env["copy_gbps"])

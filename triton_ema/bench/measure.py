@@ -44,6 +44,7 @@ WORKLOADS = {
     "2000x4096": Workload("2000x4096", ((4096,),) * 2000),
     "gpt2-small": Workload("gpt2-small", gpt2_small_shapes()),
     "1b": Workload("1b", ((4096, 813),) * 300, gpu_only=True),  # 999M in 300 tensors
+    "1000x4096": Workload("1000x4096", ((4096,),) * 1000),
     # Tiny stand-ins, for smoke tests of the machinery itself.
     "tiny-many": Workload("tiny-many", ((64,),) * 40),
     "tiny-gpt2": Workload("tiny-gpt2", gpt2_small_shapes(d=16, layers=2, vocab=100, ctx=32)),
@@ -77,6 +78,21 @@ def timer(device: torch.device) -> Callable[[Callable[[], object], int], list[fl
         return out
 
     return cuda_time if device.type == "cuda" else cpu_time
+
+
+def host_time(fn: Callable[[], object], reps: int, device: torch.device) -> list[float]:
+    """Seconds the host spends in each call, the device idle before it and not waited for
+    (on a CPU the work itself is host time)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    out = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    sync()
+    return out
 
 
 def median(xs: list[float]) -> float:
