@@ -288,3 +288,17 @@ def test_optimizer_hooks_run_once_on_the_wrapper():
     sd = opt.state_dict()
     opt.load_state_dict(sd)
     assert calls == ["pre", "post", "saved", "loading"] and sd["note"] == 1
+
+
+def test_refused_param_group_leaves_everything_as_it_was():
+    model = make_model(device=DEVICE)
+    opt = EMAOptimizer(torch.optim.SGD(model.conv.parameters(), lr=0.1), momentum=0.5)
+    before = shadows(opt)
+    w = torch.nn.Parameter(torch.ones(3, device=DEVICE))
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="same tensor"):
+        opt.add_param_group({"params": [w, w]})
+    with pytest.raises(TypeError, match="only floating-point"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.int64, device=DEVICE)]})
+    assert len(opt.param_groups) == 1 and all(torch.equal(a, b) for a, b in zip(before, shadows(opt)))
+    train_step(model, opt, batches(1, device=DEVICE)[0])
+    assert opt.num_steps == 1 and len(shadows(opt)) == 2

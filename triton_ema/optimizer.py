@@ -192,12 +192,13 @@ class EMAOptimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
         try:
             tensors, names = self._tracked()
-        except TypeError:
+            kept = {id(t): self._store.shadow_view(i) for i, t in enumerate(self._store.tensors)}
+            with torch.no_grad():
+                self._store.rebuild(tensors, names, [kept.get(id(t)) for t in tensors])
+        except BaseException:  # refused: the optimizer and the EMA stay as they were
             self.param_groups.pop()
+            self._tracked()
             raise
-        kept = {id(t): self._store.shadow_view(i) for i, t in enumerate(self._store.tensors)}
-        with torch.no_grad():
-            self._store.rebuild(tensors, names, [kept.get(id(t)) for t in tensors])
 
     def _refuse_while_swapped(self, what: str) -> None:
         if self._store.swapped:
