@@ -10,9 +10,8 @@ import os
 import pytest
 import torch
 
-from triton_ema.bench.__main__ import DTYPES
 from triton_ema.bench.measure import WORKLOADS, job_bytes
-from triton_ema.bench.providers import clone_params, providers
+from triton_ema.bench.providers import DTYPES, make_job, providers
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TINY = os.environ.get("TRITON_EMA_BENCH") == "tiny"
@@ -36,11 +35,7 @@ def cases(job):
 
 def run_case(benchmark, job, provider, workload, dtype_name):
     param_dtype, shadow_dtype = DTYPES[dtype_name]
-    params = clone_params(workload.params(param_dtype, DEVICE))
-    if job == "step":
-        for p in params:
-            p.grad = torch.randn_like(p)
-    fn = provider.jobs[job](params, shadow_dtype)
+    fn = make_job(provider, job, workload, dtype_name, DEVICE)
 
     def call():
         fn()

@@ -19,9 +19,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from triton_ema import triton_backend  # noqa: E402
-from triton_ema.bench.__main__ import DTYPES  # noqa: E402
 from triton_ema.bench.measure import WORKLOADS, environment, job_bytes, median, timer  # noqa: E402
-from triton_ema.bench.providers import clone_params, copy_job, triton_ema  # noqa: E402
+from triton_ema.bench.providers import DTYPES, copy_job, make_job, triton_ema  # noqa: E402
 
 
 def main(argv=None):
@@ -47,7 +46,7 @@ def main(argv=None):
         triton_backend.BLOCK, triton_backend.NUM_WARPS = block, warps
         param_dtype, shadow_dtype = DTYPES[dtype]
         workload = WORKLOADS[name]
-        fn = provider.jobs[job](clone_params(workload.params(param_dtype, device)), shadow_dtype)
+        fn = make_job(provider, job, workload, dtype, device)
         seconds = median(measure(fn, reps))
         gbps = job_bytes(job, param_dtype.itemsize, shadow_dtype.itemsize) * workload.numel / seconds / 1e9
         rows.append({"block": block, "num_warps": warps, "workload": name, "dtype": dtype, "job": job,

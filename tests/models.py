@@ -45,3 +45,8 @@ def make_base(kind, params, **kw):
     if kind == "sgd":
         return torch.optim.SGD(params, lr=0.1, momentum=0.9, **kw)
     raise ValueError(kind)
+
+
+def shadows(opt):
+    """Copies of the EMA of every parameter, in the optimizer's order."""
+    return [s.clone() for s in opt.state_dict()["ema"]["shadow"].values()]

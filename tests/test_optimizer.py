@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE, assert_ulps
-from models import batches, make_base, make_model, train_step
+from models import batches, make_base, make_model, shadows, train_step
 
 from triton_ema import EMAOptimizer
 from triton_ema.schedules import Constant, Cosine, Power, Warmup
@@ -19,10 +19,6 @@ SCHEDULES = {
     "callable": lambda t: 0.2 + 0.1 * (t % 2),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def shadows(opt):
-    return [s.clone() for s in opt.state_dict()["ema"]["shadow"].values()]
 
 
 @pytest.mark.parametrize("interval", [1, 3])

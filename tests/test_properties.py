@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE, assert_ulps
+from models import shadows
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -57,10 +58,6 @@ def drive(params, opt, steps, seed):
         for m, p in zip(seen, params):
             torch.maximum(m, p.detach().double().abs(), out=m)
     return seen
-
-
-def shadows(opt):
-    return [s.clone() for s in opt.state_dict()["ema"]["shadow"].values()]
 
 
 @given(runs())

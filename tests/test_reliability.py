@@ -3,13 +3,9 @@
 import pytest
 import torch
 from conftest import DEVICE, live_tensor_bytes
-from models import batches, make_model, train_step
+from models import batches, make_model, shadows, train_step
 
 from triton_ema import EMAOptimizer
-
-
-def shadows(opt):
-    return [s.clone() for s in opt.state_dict()["ema"]["shadow"].values()]
 
 
 class Exploding(torch.optim.SGD):

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from .measure import WORKLOADS, environment, host_time, job_bytes, median, peak_extra_bytes, timer
-from .providers import clone_params, copy_job, providers
+from .providers import DTYPES, copy_job, make_job, providers
 
-DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.float32)}
 JOBS = ("update", "swap", "step", "host")
 HOST_WORKLOAD = "1000x4096"  # the host time of an EMA update is measured on 1,000 tensors
 
@@ -46,16 +45,12 @@ def parse_args(argv):
 
 def run_row(provider, job, workload, dtype_name, args, measure):
     param_dtype, shadow_dtype = DTYPES[dtype_name]
-    params = clone_params(workload.params(param_dtype, args.device))
-    if job == "step":
-        for p in params:
-            p.grad = torch.randn_like(p)
-    fn = provider.jobs[job](params, shadow_dtype)
+    fn = make_job(provider, job, workload, dtype_name, args.device)
     seconds = median(host_time(fn, args.reps, args.device) if job == "host" else measure(fn, args.reps))
     peak = peak_extra_bytes(fn, args.device)
     nbytes = job_bytes(job, param_dtype.itemsize, shadow_dtype.itemsize)
     gbps = nbytes * workload.numel / seconds / 1e9 if nbytes else None
-    del fn, params
+    del fn
     gc.collect()
     if args.device.type == "cuda":
         torch.cuda.empty_cache()

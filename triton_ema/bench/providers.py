@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from .. import EMAOptimizer
 
 MOMENTUM = 1e-3  # decay 0.999: the value does not change the cost
+# Benchmark dtypes: fp32 params and shadows; bf16 params with fp32 shadows.
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.float32)}
 Job = Callable[[], None]
 
 
@@ -208,3 +210,17 @@ def copy_job(numel: int, device: torch.device) -> tuple[Job, int]:
 def clone_params(params: list[Tensor]) -> list[nn.Parameter]:
     """Fresh parameters with the same values: every provider gets its own."""
     return [nn.Parameter(copy.deepcopy(p.detach())) for p in params]
+
+
+def make_job(provider: Provider, job: str, workload, dtype_name: str, device: torch.device) -> Job:
+    """``provider``'s ``job`` on fresh params of ``workload`` (with gradients, for a whole step)."""
+    param_dtype, shadow_dtype = DTYPES[dtype_name]
+    params = clone_params(workload.params(param_dtype, device))
+    if job == "step":
+        for p in params:
+            p.grad = torch.randn_like(p)
+    fn = provider.jobs[job](params, shadow_dtype)
+
+    def run(_keep=params):  # the job owns its params (torch_ema holds only weak references)
+        return fn()
+    return run
