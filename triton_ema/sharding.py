@@ -34,7 +34,7 @@ def like(shard: Tensor, param: Tensor) -> Tensor:
     if not is_dtensor(param):
         return shard
     return _dtensor_type().from_local(shard, param.device_mesh, param.placements, run_check=False,
-                              shape=param.shape, stride=param.stride())
+                                      shape=param.shape, stride=param.stride())
 
 
 def local_value(value: Tensor, param: Tensor) -> Tensor:
