@@ -232,7 +232,9 @@ class ShadowStore:
         for bucket in self.buckets:
             bucket.backend.params_to_shadow(bucket)
 
-    def load(self, values: Sequence[Tensor]) -> None:
-        """Overwrite every shadow with ``values[i]`` (already checked for shape and dtype)."""
+    def load(self, values: Sequence[Tensor], skipped: int) -> None:
+        """Overwrite every shadow with ``values[i]`` (already checked for shape and dtype),
+        and restart the skip count at ``skipped``."""
         for i, value in enumerate(values):
             self.shadow_view(i).copy_(value)
+        self.skips = {torch.device("cpu"): torch.tensor(skipped)} if skipped else {}

@@ -299,9 +299,8 @@ class EMAOptimizer(torch.optim.Optimizer):
     def _load_ema(self, step: int, skipped: int, values: list[Tensor]) -> None:
         with torch.no_grad():
             self._sync()
-            self._store.load(values)
+            self._store.load(values, skipped)
         self._step = step
-        self._store.skips = {torch.device("cpu"): torch.tensor(int(skipped))} if skipped else {}
 
     def _check_ema(self, ema: Any) -> tuple[int, int, list[Tensor]]:
         """The step, skip count and shadow values of a saved ``"ema"`` entry, or an error naming the culprit."""
