@@ -2,6 +2,7 @@
 spawned processes, so it holds plain module-level functions only."""
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -73,22 +74,28 @@ def single(backend="torch"):
     return {k: v.clone() for k, v in opt.ema_state_dict().items()}
 
 
-def _init(rank, world, port, device="cpu"):
+def _init(rank, world, store, device="cpu"):
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     else:
         torch.cuda.set_device(rank)
-    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"tcp://127.0.0.1:{port}",
+    # A file store: no server socket whose owner may leave first, no port to race for.
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"file://{store}",
                             rank=rank, world_size=world)
 
 
 def _finish():
-    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts on that)
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
+    # Leave without running C++ destructors: at interpreter exit a gloo thread sometimes
+    # aborts the process ("terminate called without an active exception") after all work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def run_ddp(rank, world, port, out, kind="ddp"):
-    _init(rank, world, port)
+def run_ddp(rank, world, store, out, kind="ddp"):
+    _init(rank, world, store)
     model, opt = build(kind)
     train(model, opt, range(STEPS))
     ema = opt.ema_state_dict()
@@ -100,10 +107,10 @@ def run_ddp(rank, world, port, out, kind="ddp"):
     _finish()
 
 
-def run_fsdp(rank, world, port, out, mixed=False, device="cpu", backend="torch"):
+def run_fsdp(rank, world, store, out, mixed=False, device="cpu", backend="torch"):
     from triton_ema import sharding
 
-    _init(rank, world, port, device)
+    _init(rank, world, store, device)
     model, opt = build("fsdp", backend=backend, mixed=mixed, device=device)
     backends = sorted({b.backend.name for b in opt._store.buckets})
     local_numel = sum(sharding.local(p).numel() for p in model.parameters())
@@ -128,21 +135,21 @@ def _dcp_state(model, opt):
             "ema": opt.ema_checkpoint}
 
 
-def run_dcp_save(rank, world, port, ckpt, stop):
+def run_dcp_save(rank, world, store, ckpt, stop):
     import torch.distributed.checkpoint as dcp
 
-    _init(rank, world, port)
+    _init(rank, world, store)
     model, opt = build("fsdp")
     train(model, opt, range(stop))
     dcp.save(_dcp_state(model, opt), checkpoint_id=ckpt)
     _finish()
 
 
-def run_dcp_resume(rank, world, port, ckpt, stop, out):
+def run_dcp_resume(rank, world, store, ckpt, stop, out):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    _init(rank, world, port)
+    _init(rank, world, store)
     model, opt = build("fsdp")
     state = _dcp_state(model, opt)
     dcp.load(state, checkpoint_id=ckpt)

@@ -1,6 +1,6 @@
 """DDP and FSDP2 on CPU with gloo, several processes: shard-local EMA, swaps, DCP checkpoints."""
 
-import socket
+import itertools
 
 import pytest
 import torch
@@ -13,14 +13,12 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="this torch build has no gloo process groups")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+STORES = itertools.count()
 
 
-def launch(fn, world, *args):
-    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+def launch(fn, world, tmp_path, *args):
+    store = tmp_path / f"store-{next(STORES)}"  # a fresh rendezvous file for every group
+    mp.spawn(fn, args=(world, str(store), *args), nprocs=world, join=True)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +37,7 @@ def assert_same_ema(got, expected):
 @pytest.mark.parametrize("kind", ["ddp", "ddp-after"], ids=["model=ddp", "model=inner"])
 def test_ddp_ranks_agree_and_match_one_process(tmp_path, reference, kind):
     out = tmp_path / "ddp.pt"
-    launch(dist_cases.run_ddp, 2, str(out), kind)
+    launch(dist_cases.run_ddp, 2, tmp_path, str(out), kind)
     result = torch.load(out, weights_only=True)
     assert result["same_on_all_ranks"]
     # Keys as the model the user passed: the DDP wrapper's carry "module.".
@@ -51,7 +49,7 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path, reference, kind):
                          ids=["fp32", "bf16-compute", "fp32-triton"])
 def test_fsdp2_shard_local_ema(tmp_path, reference, mixed, backend):
     out = tmp_path / "fsdp.pt"
-    launch(dist_cases.run_fsdp, 2, str(out), mixed, "cpu", backend)
+    launch(dist_cases.run_fsdp, 2, tmp_path, str(out), mixed, "cpu", backend)
     result = torch.load(out, weights_only=True)
     assert result["backends"] == [backend]
     assert result["shadow_types"] == ["DTensor"]
@@ -69,15 +67,15 @@ def test_fsdp2_shard_local_ema(tmp_path, reference, mixed, backend):
 @pytest.mark.parametrize("world", [1, 3])
 def test_dcp_save_with_two_ranks_resume_with_another_world_size(tmp_path, reference, world):
     ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.pt"
-    launch(dist_cases.run_dcp_save, 2, str(ckpt), 3)
-    launch(dist_cases.run_dcp_resume, world, str(ckpt), 3, str(out))
+    launch(dist_cases.run_dcp_save, 2, tmp_path, str(ckpt), 3)
+    launch(dist_cases.run_dcp_resume, world, tmp_path, str(ckpt), 3, str(out))
     assert_same_ema(torch.load(out, weights_only=True)["ema"], reference)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (NCCL, the Triton backend)")
 def test_fsdp2_world_size_1_on_cuda_with_triton(tmp_path, reference):
     out = tmp_path / "fsdp-cuda.pt"
-    launch(dist_cases.run_fsdp, 1, str(out), False, "cuda", "triton")
+    launch(dist_cases.run_fsdp, 1, tmp_path, str(out), False, "cuda", "triton")
     result = torch.load(out, weights_only=True)
     assert result["backends"] == ["triton"] and result["restored"]
     assert_same_ema(result["ema"], reference)
