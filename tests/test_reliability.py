@@ -76,6 +76,25 @@ def test_nonfinite_params(skip, backend):
         assert opt.state_dict()["ema"]["skipped_updates"] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["same-dtype", "converted"])
+def test_torch_backend_skips_group_by_group(monkeypatch, dtype):
+    from triton_ema import backends
+
+    monkeypatch.setattr(backends, "GROUP_NUMEL", 64)  # groups [40], [40], [100], [7]: the NaN sits in the last
+    params = [torch.nn.Parameter(torch.ones(n, device=DEVICE, dtype=dtype)) for n in (40, 40, 100, 7)]
+    opt = EMAOptimizer(torch.optim.SGD(params, lr=1.0), momentum=0.5, skip_nonfinite=True, backend="torch")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[-1].grad[3] = float("nan")
+    opt.step()
+    assert all(torch.all(s == 1.0) for s in shadows(opt)) and opt.skipped_updates == 1
+    with torch.no_grad():
+        params[-1].zero_()
+    opt.zero_grad()
+    opt.step()  # every param is 0.0 and finite: every group updates
+    assert all(torch.all(s == 0.5) for s in shadows(opt)) and opt.skipped_updates == 1
+
+
 def test_inf_is_caught_like_nan(backend):
     p = torch.nn.Parameter(torch.ones(4100, device=DEVICE, dtype=torch.float16))
     opt = EMAOptimizer(torch.optim.SGD([p], lr=1.0), momentum=0.5, skip_nonfinite=True, backend=backend)

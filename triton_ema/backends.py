@@ -69,9 +69,10 @@ class Backend(abc.ABC):
             bucket.stash = None
 
 
-# Mixed-dtype updates convert at most this many elements at a time (256 MB of
-# float32 temporaries at most, beyond a single larger tensor).
-GROUP_NUMEL = 2**26
+# Updates run over groups of consecutive tensors of at most this many elements
+# (or one larger tensor), so temporaries (dtype conversions, the copy kept for a
+# skipped update) stay within 64 MB of float32, whatever the model's size.
+GROUP_NUMEL = 2**24
 
 
 def _groups(tensors: list[Tensor]) -> list[list[int]]:
@@ -84,6 +85,107 @@ def _groups(tensors: list[Tensor]) -> list[list[int]]:
         groups[-1].append(i)
         size += t.numel()
     return groups
+
+
+def _lerp(views: list[Tensor], params: list[Tensor], momentum: float) -> None:
+    """``views <- views + momentum * (params - views)``, computed in float32 or wider."""
+    if views[0].dtype == params[0].dtype and views[0].device == params[0].device:
+        # lerp computes 16-bit inputs in float32 and uses the two-sided stable form.
+        torch._foreach_lerp_(views, params, momentum)
+        return
+    compute = torch.promote_types(torch.promote_types(views[0].dtype, params[0].dtype), torch.float32)
+    ends = [p.to(views[0].device, compute) for p in params]
+    if views[0].dtype == compute:
+        torch._foreach_lerp_(views, ends, momentum)
+        return
+    wide = [v.to(compute) for v in views]
+    torch._foreach_lerp_(wide, ends, momentum)
+    torch._foreach_copy_(views, wide)
+
+
+class TorchBackend(Backend):
+    """Foreach ops over the bucket's views: any device, any floating dtype."""
+
+    name = "torch"
+
+    def update(self, bucket: Bucket, momentum: float, skip: Tensor | None = None) -> None:
+        for group in _groups(bucket.tensors):
+            views, params = [bucket.views[i] for i in group], [bucket.tensors[i] for i in group]
+            if skip is None:
+                _lerp(views, params, momentum)
+                continue
+            last = group[-1]
+            span = bucket.shadow[bucket.offsets[group[0]] : bucket.offsets[last] + bucket.tensors[last].numel()]
+            saved = span.clone()
+            _lerp(views, params, momentum)
+            torch.where(skip.to(span.device, torch.bool), saved, span, out=span)
+
+    def nonfinite(self, bucket: Bucket) -> Tensor:
+        finite = torch.stack([t.isfinite().all() for t in bucket.tensors]).all()
+        return finite.logical_not().to(torch.int32)
+
+    def exchange(self, bucket: Bucket) -> None:
+        """Params and shadow trade values in place, bitwise (equal dtype and device)."""
+
+    @abc.abstractmethod
+    def copy(self, bucket: Bucket, flat: Tensor, to_params: bool) -> None:
+        """Copy between the params and ``flat`` (a buffer laid out like the shadow)."""
+
+    def params_to_shadow(self, bucket: Bucket) -> None:
+        self.copy(bucket, bucket.shadow, to_params=False)
+
+    def shadow_to_params(self, bucket: Bucket) -> None:
+        self.copy(bucket, bucket.shadow, to_params=True)
+
+    def swap_in(self, bucket: Bucket) -> None:
+        """Put the EMA into the params; the training weights wait in the shadow
+        (in-place exchange) or, where that would round them, in a stash."""
+        if bucket.can_exchange:
+            self.exchange(bucket)
+            bucket.exchanged = True
+        else:
+            stash = bucket.new_flat(bucket.param_dtype, bucket.param_device)
+            self.copy(bucket, stash, to_params=False)
+            self.shadow_to_params(bucket)
+            bucket.stash = stash
+
+    def swap_out(self, bucket: Bucket) -> None:
+        """Undo :meth:`swap_in`: training weights back bitwise, shadow untouched."""
+        if bucket.exchanged:
+            self.exchange(bucket)
+            bucket.exchanged = False
+        elif bucket.stash is not None:
+            self.copy(bucket, bucket.stash, to_params=True)
+            bucket.stash = None
+
+
+# Mixed-dtype updates convert at most this many elements at a time (64 MB of
+# float32 temporaries at most, beyond a single larger tensor).
+GROUP_NUMEL = 2**24
+
+
+def _groups(tensors: list[Tensor]) -> list[list[int]]:
+    """Consecutive index groups of at most GROUP_NUMEL elements (or one tensor)."""
+    groups, size = [[]], 0
+    for i, t in enumerate(tensors):
+        if groups[-1] and size + t.numel() > GROUP_NUMEL:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += t.numel()
+    return groups
+
+
+def _lerp_converted(views: list[Tensor], params: list[Tensor], momentum: float, compute: torch.dtype) -> None:
+    """``views <- views + momentum * (params - views)`` computed in ``compute``; the
+    temporaries live only for this call (one group at a time)."""
+    ends = [p.to(views[0].device, compute) for p in params]
+    if views[0].dtype == compute:
+        torch._foreach_lerp_(views, ends, momentum)
+        return
+    wide = [v.to(compute) for v in views]
+    torch._foreach_lerp_(wide, ends, momentum)
+    torch._foreach_copy_(views, wide)
 
 
 class TorchBackend(Backend):
@@ -110,16 +212,8 @@ class TorchBackend(Backend):
             torch._foreach_lerp_(bucket.views, bucket.tensors, momentum)
             return
         compute = torch.promote_types(torch.promote_types(shadow_dtype, param_dtype), torch.float32)
-        device = bucket.shadow.device
         for group in _groups(bucket.tensors):
-            ends = [bucket.tensors[i].to(device, compute) for i in group]
-            views = [bucket.views[i] for i in group]
-            if shadow_dtype == compute:
-                torch._foreach_lerp_(views, ends, momentum)
-            else:
-                wide = [v.to(compute) for v in views]
-                torch._foreach_lerp_(wide, ends, momentum)
-                torch._foreach_copy_(views, wide)
+            _lerp_converted([bucket.views[i] for i in group], [bucket.tensors[i] for i in group], momentum, compute)
 
     def exchange(self, bucket: Bucket) -> None:
         # Three XORs on the bit patterns: bitwise exact and no temporary.
