@@ -8,6 +8,7 @@ from pathlib import Path
 
 from triton_ema.bench.__main__ import main
 from triton_ema.bench.providers import providers
+from triton_ema.bench.targets import OURS, PEER, TARGETS, check, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,10 @@ def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
         assert (r["gbps"] is None) == (r["job"] in ("step", "host"))
     assert {r["job"] for r in rows} == {"update", "swap", "step", "host"}
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
-    assert "device copy:" in capsys.readouterr().out
+    assert [t["target"] for t in result["targets"]] == [str(t) for t in TARGETS]
+    assert all(t["status"] == "not measured" and t["value"] is None for t in result["targets"])  # tiny workloads
+    out = capsys.readouterr().out
+    assert "device copy:" in out and "not measured" in out
 
 
 def test_perf_suites_run(tmp_path):
@@ -39,10 +43,45 @@ def test_perf_suites_run(tmp_path):
     assert all(b["extra_info"]["gbps"] > 0 for b in benchmarks if b["extra_info"]["job"] != "step")
 
 
-def test_kernel_sweep_runs(tmp_path):
-    out = subprocess.run([sys.executable, "perf/sweep.py", "--tiny", "--out", str(tmp_path / "sweep.json")],
+def test_record_writes_bench_and_sweep(tmp_path):
+    out = subprocess.run([sys.executable, "perf/record.py", "--tiny", "--no-tests", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert "device copy:" in (tmp_path / "bench.txt").read_text()
+    assert (tmp_path / "bench.png").exists() and not (tmp_path / "tests.txt").exists()
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert {(r["block"], r["job"]) for r in rows} == {(b, j) for b in (256, 512) for j in ("update", "swap")}
     assert all(r["gbps"] > 0 for r in rows)
+    assert "BLOCK=" in (tmp_path / "sweep.txt").read_text()
+
+
+def _row(provider, job, workload, dtype, ms, copy_fraction=None):
+    return {"provider": provider, "job": job, "workload": workload, "dtype": dtype, "median_ms": ms,
+            "copy_fraction": copy_fraction}
+
+
+def test_targets_are_met_missed_or_not_measured():
+    rows = [
+        _row(OURS, "update", "1b", "fp32", 4.0, 0.91), _row(PEER, "update", "1b", "fp32", 5.0, 0.73),
+        _row(OURS, "swap", "1b", "fp32", 5.0, 0.89),
+        _row(OURS, "update", "2000x4096", "fp32", 0.1, 0.8), _row(PEER, "update", "2000x4096", "fp32", 0.31, 0.3),
+        _row(OURS, "host", "1000x4096", "fp32", 0.051),
+    ]
+    found = {r["target"]: (r["status"], r["value"]) for r in check(rows)}
+    assert found == {
+        "update 1b fp32: >= 90% of copy bandwidth": ("met", 0.91),
+        "update 1b bf16: >= 90% of copy bandwidth": ("not measured", None),
+        "swap 1b fp32: >= 90% of copy bandwidth": ("missed", 0.89),
+        "swap 1b bf16: >= 90% of copy bandwidth": ("not measured", None),
+        "update 1b fp32: >= 1.3x faster than foreach_lerp": ("missed", 5.0 / 4.0),
+        "update 2000x4096 fp32: >= 3x faster than foreach_lerp": ("met", 0.31 / 0.1),
+        "host 1000x4096 fp32: host time <= 50 us": ("missed", 0.051 * 1e3),
+    }
+    assert report(check(rows)).count("not measured") == 3  # two targets, and the note on why
+
+
+def test_a_target_needs_both_rows_of_a_speedup():
+    rows = [_row(OURS, "update", "2000x4096", "fp32", 0.1, 0.8)]
+    status = {r["target"]: r["status"] for r in check(rows)}
+    assert status["update 2000x4096 fp32: >= 3x faster than foreach_lerp"] == "not measured"

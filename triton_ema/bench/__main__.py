@@ -1,7 +1,8 @@
 """``python -m triton_ema.bench``: a quick sweep of every EMA provider on this device.
 
-Prints a table, writes ``bench.json`` (device, versions, commit, date, every
-row) and ``bench.png`` (GB/s by provider and workload) to ``--out``.
+Prints a table and how the Triton backend stands against its targets, writes
+``bench.json`` (device, versions, commit, date, every row, the targets) and
+``bench.png`` (GB/s by provider and workload) to ``--out``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .measure import WORKLOADS, environment, host_time, job_bytes, median, peak_extra_bytes, timer
 from .providers import DTYPES, copy_job, make_job, providers
+from .targets import check, report
 
 JOBS = ("update", "swap", "step", "host")
 HOST_WORKLOAD = "1000x4096"  # the host time of an EMA update is measured on 1,000 tensors
@@ -138,7 +140,7 @@ def main(argv=None) -> dict:
             for p, job, w, d in tqdm(tasks, desc="bench", unit="row", disable=args.quiet)]
     add_ratios(rows, env["copy_gbps"])
 
-    result = {"environment": env, "rows": rows}
+    result = {"environment": env, "rows": rows, "targets": check(rows)}
     json_path, png_path = args.out / "bench.json", args.out / "bench.png"
     json_path.write_text(json.dumps(result, indent=1))
     plot(rows, env, png_path)
@@ -149,6 +151,7 @@ def main(argv=None) -> dict:
         print(f"absent: {name}: {why}")
     print("GB/s counts the bytes the job must move with the shadow dtype asked for (fp32 for bf16 params); a provider\n"
           "that keeps shadows in the params' dtype (see 'shadow') moves fewer, so its GB/s reads high.")
+    print(report(result["targets"]))
     print(f"wrote {json_path} and {png_path}")
     return result
 

@@ -1,0 +1,58 @@
+"""Record this machine's results: ``python perf/record.py``.
+
+Runs the test suite (on CUDA when there is a GPU), the bench command and,
+on a GPU, the kernel sweep; writes their output to
+``perf/results/<device>/`` (tests.txt, bench.txt/json/png, sweep.txt/json),
+ready to commit. ``--tiny --no-tests`` checks the machinery in a minute.
+"""
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from triton_ema.bench.measure import device_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], log: Path) -> int:
+    """Run ``cmd`` from the repository root, echoing its output and keeping it in ``log``."""
+    print("$", " ".join(cmd), flush=True)
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc, \
+            log.open("w") as out:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            out.write(line)
+    return proc.returncode
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, help="default: perf/results/<device name>")
+    p.add_argument("--no-tests", action="store_true", help="benchmarks only")
+    p.add_argument("--tiny", action="store_true", help="tiny workloads: checks the machinery, measures nothing")
+    args = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    device = device_name(torch.device("cuda" if gpu else "cpu"))
+    out = args.out or ROOT / "perf" / "results" / re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    out.mkdir(parents=True, exist_ok=True)
+    tiny = ["--tiny"] if args.tiny else []
+    failed = []
+    if not args.no_tests:
+        failed += ["tests"] * bool(run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                                       out / "tests.txt"))
+    failed += ["bench"] * bool(run([sys.executable, "-m", "triton_ema.bench", "--quiet", "--out", str(out), *tiny],
+                                   out / "bench.txt"))
+    if gpu or args.tiny:
+        failed += ["sweep"] * bool(run([sys.executable, "perf/sweep.py", "--out", str(out / "sweep.json"), *tiny],
+                                       out / "sweep.txt"))
+    print(f"{device}: results in {out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,77 @@
+"""The performance targets of the Triton backend, checked against a bench run's rows.
+
+Each target names one row (job, workload, dtype) of ``triton-ema[triton]``
+and a bound: a fraction of the device's copy bandwidth, a speed-up over
+``torch._foreach_lerp_``, or the host time of an EMA update. A target whose
+rows were not measured (no GPU, or the workload was left out) says so; it
+is never counted as met.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OURS = "triton-ema[triton]"
+PEER = "foreach_lerp"
+
+
+@dataclass(frozen=True)
+class Target:
+    job: str
+    workload: str
+    dtype: str
+    measure: str  # "copy_fraction" (at least), "speedup" over PEER (at least) or "host_us" (at most)
+    bound: float
+
+    def __str__(self) -> str:
+        what = {"copy_fraction": f">= {self.bound:.0%} of copy bandwidth",
+                "speedup": f">= {self.bound:g}x faster than {PEER}",
+                "host_us": f"host time <= {self.bound:g} us"}[self.measure]
+        return f"{self.job} {self.workload} {self.dtype}: {what}"
+
+    def value(self, rows: list[dict]) -> float | None:
+        """The measured figure, or None when a row it needs is missing."""
+        ours, peer = _row(rows, OURS, self), _row(rows, PEER, self)
+        if ours is None or (self.measure == "speedup" and peer is None):
+            return None
+        if self.measure == "copy_fraction":
+            return ours["copy_fraction"]
+        if self.measure == "speedup":
+            return peer["median_ms"] / ours["median_ms"]
+        return ours["median_ms"] * 1e3
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.measure == "host_us" else value >= self.bound
+
+
+def _row(rows: list[dict], provider: str, target: Target) -> dict | None:
+    key = (provider, target.job, target.workload, target.dtype)
+    return next((r for r in rows if (r["provider"], r["job"], r["workload"], r["dtype"]) == key), None)
+
+
+TARGETS = (
+    *(Target(job, "1b", dtype, "copy_fraction", 0.90) for job in ("update", "swap") for dtype in ("fp32", "bf16")),
+    Target("update", "1b", "fp32", "speedup", 1.3),
+    Target("update", "2000x4096", "fp32", "speedup", 3.0),
+    Target("host", "1000x4096", "fp32", "host_us", 50.0),
+)
+
+
+def check(rows: list[dict]) -> list[dict]:
+    """Every target with its measured value and a status: met, missed or not measured."""
+    out = []
+    for target in TARGETS:
+        value = target.value(rows)
+        status = "not measured" if value is None else "met" if target.met(value) else "missed"
+        out.append({"target": str(target), "value": value, "status": status})
+    return out
+
+
+def report(results: list[dict]) -> str:
+    lines = [f"targets of the Triton backend ({OURS}):"]
+    for r in results:
+        value = "-" if r["value"] is None else f"{r['value']:.3g}"
+        lines.append(f"  {r['status']:12} {value:>7}  {r['target']}")
+    if any(r["status"] == "not measured" for r in results):
+        lines.append(f"  (not measured: a row is missing; {OURS} runs on a GPU, and 1b is a GPU-only workload)")
+    return "\n".join(lines)
