@@ -260,7 +260,7 @@ def test_bad_schedule_value_leaves_everything_untouched():
 def test_mixed_dtype_updates_convert_in_bounded_groups(monkeypatch, shadow_dtype):
     from triton_ema import backends
 
-    monkeypatch.setattr(backends, "GROUP_NUMEL", 50)  # many groups, and tensors larger than one group
+    monkeypatch.setitem(backends.GROUP_NUMEL, DEVICE.type, 50)  # many groups, and tensors larger than one group
     model = make_model(torch.bfloat16, device=DEVICE)
     opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=0.3, shadow_dtype=shadow_dtype,
                        backend="torch")

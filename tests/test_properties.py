@@ -122,3 +122,18 @@ def test_triton_and_torch_backends_agree(run):
     for x, y, scale in zip(shadows(a), shadows(b), seen):
         # Each update may differ by one ulp of its inputs; differences shrink by (1 - m) at the next.
         assert_ulps(x, y.double(), scale=scale, ulps=max(1, updates))
+
+
+@given(st.data())
+def test_nonfinite_guard_sees_exactly_the_nan_and_inf(data):
+    run = data.draw(runs())
+    params, opt = make(run)
+    bad = data.draw(st.lists(st.tuples(st.integers(0, len(params) - 1), st.integers(0, 2**31),
+                                       st.sampled_from([float("nan"), float("inf"), float("-inf")])), max_size=2))
+    with torch.no_grad():
+        for i, position, value in bad:
+            if params[i].numel():
+                params[i].view(-1)[position % params[i].numel()] = value
+    for bucket in opt._store.buckets:
+        expected = any(not torch.isfinite(t).all() for t in bucket.tensors)
+        assert bucket.backend.nonfinite(bucket).item() == expected

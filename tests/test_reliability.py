@@ -76,12 +76,15 @@ def test_nonfinite_params(skip, backend):
         assert opt.state_dict()["ema"]["skipped_updates"] == 1
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-decided", "device-decided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["same-dtype", "converted"])
-def test_torch_backend_skips_group_by_group(monkeypatch, dtype):
+def test_torch_backend_skips_group_by_group(monkeypatch, dtype, on_device):
     from triton_ema import backends
 
-    monkeypatch.setattr(backends, "GROUP_NUMEL", 64)  # groups [40], [40], [100], [7]: the NaN sits in the last
-    params = [torch.nn.Parameter(torch.ones(n, device=DEVICE, dtype=dtype)) for n in (40, 40, 100, 7)]
+    if on_device:  # the path of a flag on a GPU (no host sync), taken here by a CPU flag
+        monkeypatch.setattr(backends.TorchBackend, "update", backends.TorchBackend._update)
+    monkeypatch.setitem(backends.GROUP_NUMEL, DEVICE.type, 64)  # groups [20, 30], [40], [100], [7]; the NaN in the last
+    params = [torch.nn.Parameter(torch.ones(n, device=DEVICE, dtype=dtype)) for n in (20, 30, 40, 100, 7)]
     opt = EMAOptimizer(torch.optim.SGD(params, lr=1.0), momentum=0.5, skip_nonfinite=True, backend="torch")
     for p in params:
         p.grad = torch.ones_like(p)
@@ -95,11 +98,12 @@ def test_torch_backend_skips_group_by_group(monkeypatch, dtype):
     assert all(torch.all(s == 0.5) for s in shadows(opt)) and opt.skipped_updates == 1
 
 
-def test_inf_is_caught_like_nan(backend):
+@pytest.mark.parametrize("value", [float("-inf"), float("inf")])
+def test_inf_is_caught_like_nan(backend, value):
     p = torch.nn.Parameter(torch.ones(4100, device=DEVICE, dtype=torch.float16))
     opt = EMAOptimizer(torch.optim.SGD([p], lr=1.0), momentum=0.5, skip_nonfinite=True, backend=backend)
     with torch.no_grad():
-        p[4099] = float("-inf")
+        p[4099] = value
     opt.step()
     assert torch.all(shadows(opt)[0] == 1.0) and opt.skipped_updates == 1
 
