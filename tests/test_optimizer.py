@@ -256,17 +256,24 @@ def test_bad_schedule_value_leaves_everything_untouched():
     assert opt.num_steps == 1 and torch.equal(p, snapshot[0]) and torch.equal(shadows(opt)[0], snapshot[1][0])
 
 
-@pytest.mark.parametrize("shadow_dtype", [None, torch.float16], ids=["wider", "narrower"])
-def test_mixed_dtype_updates_convert_in_bounded_groups(monkeypatch, shadow_dtype):
+@pytest.mark.parametrize("param_dtype, shadow_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                       (torch.bfloat16, torch.float16)],
+                         ids=["same", "wider", "narrower"])
+def test_torch_backend_updates_in_bounded_pieces(monkeypatch, param_dtype, shadow_dtype):
     from triton_ema import backends
 
-    monkeypatch.setitem(backends.GROUP_NUMEL, DEVICE.type, 50)  # many groups, and tensors larger than one group
-    model = make_model(torch.bfloat16, device=DEVICE)
-    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=0.3, shadow_dtype=shadow_dtype,
-                       backend="torch")
+    monkeypatch.setitem(backends.GROUP_NUMEL, DEVICE.type, 16)  # tensors cut into pieces, pieces grouped
+    g = torch.Generator().manual_seed(0)
+    made = [torch.randn(6, 5, generator=g).t(), torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
+            torch.randn(40, generator=g), torch.randn(3, generator=g), torch.randn(0, generator=g),
+            torch.randn(8, 8, generator=g)[:, ::2]]  # the last is not dense: updated whole
+    params = [torch.nn.Parameter(t.to(DEVICE, param_dtype)) for t in made]
+    opt = EMAOptimizer(torch.optim.SGD(params, lr=1.0), momentum=0.3, shadow_dtype=shadow_dtype, backend="torch")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(DEVICE, param_dtype)
     before = shadows(opt)
-    train_step(model, opt, batches(1, torch.bfloat16, device=DEVICE)[0])
-    for s_old, s_new, p in zip(before, shadows(opt), model.parameters()):
+    opt.step()
+    for s_old, s_new, p in zip(before, shadows(opt), params):
         p64, s64 = p.detach().double(), s_old.double()
         assert_ulps(s_new, s64 + 0.3 * (p64 - s64), scale=torch.maximum(s64.abs(), p64.abs()))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -69,8 +70,8 @@ class Backend(abc.ABC):
             bucket.stash = None
 
 
-# Updates run over groups of consecutive tensors of at most this many elements
-# (or one larger tensor), so temporaries (dtype conversions, the copy kept for a
+# Updates run over groups of at most this many elements, a tensor larger than
+# that cut into pieces, so temporaries (dtype conversions, the copy kept for a
 # skipped update) stay small whatever the model's size: cache-sized on a CPU
 # (4 MB of float32; larger groups measured 2x slower there), 64 MB elsewhere,
 # where fewer, larger launches are faster.
@@ -78,16 +79,44 @@ GROUP_NUMEL = {"cpu": 2**20}
 DEFAULT_GROUP_NUMEL = 2**24
 
 
-def _groups(tensors: list[Tensor], limit: int) -> list[list[int]]:
-    """Consecutive index groups of at most ``limit`` elements (or one tensor)."""
-    groups, size = [[]], 0
-    for i, t in enumerate(tensors):
-        if groups[-1] and size + t.numel() > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += t.numel()
-    return groups
+@dataclass
+class _Group:
+    shadows: list[Tensor]  # pieces of the flat shadow
+    params: list[Tensor]  # the matching pieces of the params
+    span: slice  # the run of the flat shadow the pieces lie in
+
+
+def _pieces(bucket: Bucket, limit: int):
+    """(shadow piece, param piece, start, end in the flat shadow): a dense tensor in
+    runs of at most ``limit`` elements along its memory order (the shadow's layout),
+    any other tensor whole."""
+    for t, view, off in zip(bucket.tensors, bucket.views, bucket.offsets):
+        n = t.numel()
+        if n <= limit or not is_dense(t):
+            yield view, t.detach(), off, off + n
+            continue
+        flat = t.detach().as_strided((n,), (1,), t.storage_offset())  # dense: [offset, offset + n) in memory order
+        for a in range(0, n, limit):
+            b = min(a + limit, n)
+            yield bucket.shadow[off + a : off + b], flat[a:b], off + a, off + b
+
+
+def _groups(bucket: Bucket, limit: int) -> list[_Group]:
+    """The bucket's update work in groups of at most ``limit`` elements; built once per layout."""
+    key = ("torch-groups", limit)
+    if key not in bucket.cache:
+        groups, size = [], limit + 1
+        for shadow, param, start, end in _pieces(bucket, limit):
+            if size + (end - start) > limit:
+                groups.append(_Group([], [], slice(start, end)))
+                size = 0
+            group = groups[-1]
+            group.shadows.append(shadow)
+            group.params.append(param)
+            group.span = slice(group.span.start, end)
+            size += end - start
+        bucket.cache[key] = groups
+    return bucket.cache[key]
 
 
 def _lerp(views: list[Tensor], params: list[Tensor], momentum: float) -> None:
@@ -120,16 +149,13 @@ class TorchBackend(Backend):
 
     def _update(self, bucket: Bucket, momentum: float, skip: Tensor | None) -> None:
         """The update, group by group; where the device scalar ``skip`` is set, each group is put back."""
-        limit = GROUP_NUMEL.get(bucket.shadow.device.type, DEFAULT_GROUP_NUMEL)
-        for group in _groups(bucket.tensors, limit):
-            views, params = [bucket.views[i] for i in group], [bucket.tensors[i] for i in group]
+        for group in _groups(bucket, GROUP_NUMEL.get(bucket.shadow.device.type, DEFAULT_GROUP_NUMEL)):
             if skip is None:
-                _lerp(views, params, momentum)
+                _lerp(group.shadows, group.params, momentum)
                 continue
-            last = group[-1]
-            span = bucket.shadow[bucket.offsets[group[0]] : bucket.offsets[last] + bucket.tensors[last].numel()]
+            span = bucket.shadow[group.span]
             saved = span.clone()
-            _lerp(views, params, momentum)
+            _lerp(group.shadows, group.params, momentum)
             torch.where(skip.to(span.device, torch.bool), saved, span, out=span)
 
     def nonfinite(self, bucket: Bucket) -> Tensor:
