@@ -77,7 +77,10 @@ def timer(device: torch.device) -> Callable[[Callable[[], object], int], list[fl
             out.append(time.perf_counter() - start)
         return out
 
-    return cuda_time if device.type == "cuda" else cpu_time
+    if device.type == "cuda":
+        return cuda_time
+    steady_allocator()
+    return cpu_time
 
 
 def host_time(fn: Callable[[], object], reps: int, device: torch.device) -> list[float]:
@@ -106,22 +109,37 @@ def _rss_kb(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
+# glibc's malloc settings (mallopt parameters).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# While timing: what glibc's dynamic thresholds settle at in a long-running process
+# (blocks under 32 MB are reused once freed, the largest mapped and unmapped).
+_TIMING = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20}
+# While measuring memory: every block of 64 KiB or more goes back to the OS when
+# freed, so that resident memory follows what is allocated.
+_MEASURING = {_M_MMAP_THRESHOLD: 64 * 2**10, _M_TRIM_THRESHOLD: 64 * 2**10}
+
+
 @functools.cache
 def _libc():
-    """glibc, set to hand every block of 64 KiB or more straight back to the OS
-    when freed, so that resident memory follows what is allocated; or None."""
+    """glibc, or None (another C library, or not Linux)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also stops glibc from raising it)
-        return libc
-    except (OSError, AttributeError, TypeError):
+    except (OSError, TypeError):
         return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
-def _release_freed_memory() -> None:
+def _malloc_settings(settings: dict[int, int]) -> None:
     libc = _libc()
     if libc is not None:
-        libc.malloc_trim(0)
+        for param, value in settings.items():
+            libc.mallopt(param, value)
+
+
+def steady_allocator() -> None:
+    """Fix glibc's thresholds where a long-running process settles, so every timing
+    sees the same allocator whatever ran before it."""
+    _malloc_settings(_TIMING)
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -138,14 +156,19 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    _release_freed_memory()
+    _malloc_settings(_MEASURING)
     try:
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)  # freed memory back to the OS: the baseline is what is in use
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
         base = _rss_kb("VmRSS")
         fn()
         return max(0, _rss_kb("VmHWM") - base) * 1024
     except OSError:
         return None
+    finally:
+        steady_allocator()
 
 
 def device_name(device: torch.device) -> str:
