@@ -149,14 +149,15 @@ class TorchBackend(Backend):
 
     def _update(self, bucket: Bucket, momentum: float, skip: Tensor | None) -> None:
         """The update, group by group; where the device scalar ``skip`` is set, each group is put back."""
+        keep = None if skip is None else skip.to(bucket.shadow.device, torch.bool)
         for group in _groups(bucket, GROUP_NUMEL.get(bucket.shadow.device.type, DEFAULT_GROUP_NUMEL)):
-            if skip is None:
+            if keep is None:
                 _lerp(group.shadows, group.params, momentum)
                 continue
             span = bucket.shadow[group.span]
             saved = span.clone()
             _lerp(group.shadows, group.params, momentum)
-            torch.where(skip.to(span.device, torch.bool), saved, span, out=span)
+            torch.where(keep, saved, span, out=span)
 
     def nonfinite(self, bucket: Bucket) -> Tensor:
         # min and max propagate NaN and show an infinity of either sign; one read
