@@ -3,7 +3,9 @@
 Runs the test suite (on CUDA when there is a GPU), the bench command and,
 on a GPU, the kernel sweep; writes their output to
 ``perf/results/<device>/`` (tests.txt, bench.txt/json/png, sweep.txt/json),
-ready to commit. ``--tiny --no-tests`` checks the machinery in a minute.
+ready to commit. ``--parts`` runs some of them (one call each on a machine
+that limits how long a command may run); ``--tiny --parts bench sweep``
+checks the machinery in a minute.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import torch
 from triton_ema.bench.measure import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTS = ["tests", "bench", "sweep"]
 
 
 def run(cmd: list[str], log: Path) -> int:
@@ -33,7 +36,7 @@ def run(cmd: list[str], log: Path) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="default: perf/results/<device name>")
-    p.add_argument("--no-tests", action="store_true", help="benchmarks only")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="the sweep runs on a GPU (or with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny workloads: checks the machinery, measures nothing")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -41,15 +44,12 @@ def main(argv=None) -> int:
     out = args.out or ROOT / "perf" / "results" / re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     out.mkdir(parents=True, exist_ok=True)
     tiny = ["--tiny"] if args.tiny else []
-    failed = []
-    if not args.no_tests:
-        failed += ["tests"] * bool(run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-                                       out / "tests.txt"))
-    failed += ["bench"] * bool(run([sys.executable, "-m", "triton_ema.bench", "--quiet", "--out", str(out), *tiny],
-                                   out / "bench.txt"))
-    if gpu or args.tiny:
-        failed += ["sweep"] * bool(run([sys.executable, "perf/sweep.py", "--out", str(out / "sweep.json"), *tiny],
-                                       out / "sweep.txt"))
+    commands = {
+        "tests": [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        "bench": [sys.executable, "-m", "triton_ema.bench", "--quiet", "--out", str(out), *tiny],
+        "sweep": [sys.executable, "perf/sweep.py", "--out", str(out / "sweep.json"), *tiny] if gpu or args.tiny else None,
+    }
+    failed = [part for part in args.parts if commands[part] and run(commands[part], out / f"{part}.txt")]
     print(f"{device}: results in {out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -44,8 +44,8 @@ def test_perf_suites_run(tmp_path):
 
 
 def test_record_writes_bench_and_sweep(tmp_path):
-    out = subprocess.run([sys.executable, "perf/record.py", "--tiny", "--no-tests", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "perf/record.py", "--tiny", "--parts", "bench", "sweep", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert "device copy:" in (tmp_path / "bench.txt").read_text()
