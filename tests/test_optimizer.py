@@ -265,7 +265,8 @@ def test_torch_backend_updates_in_bounded_pieces(monkeypatch, param_dtype, shado
     monkeypatch.setitem(backends.GROUP_NUMEL, DEVICE.type, 16)  # tensors cut into pieces, pieces grouped
     g = torch.Generator().manual_seed(0)
     made = [torch.randn(6, 5, generator=g).t(), torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
-            torch.randn(40, generator=g), torch.randn(3, generator=g), torch.randn(0, generator=g),
+            torch.randn(40, generator=g), torch.randn(100, generator=g)[10:90].view(8, 10),  # offset in its storage
+            torch.randn(3, generator=g), torch.randn(0, generator=g),
             torch.randn(8, 8, generator=g)[:, ::2]]  # the last is not dense: updated whole
     params = [torch.nn.Parameter(t.to(DEVICE, param_dtype)) for t in made]
     opt = EMAOptimizer(torch.optim.SGD(params, lr=1.0), momentum=0.3, shadow_dtype=shadow_dtype, backend="torch")
