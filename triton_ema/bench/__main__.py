@@ -20,7 +20,7 @@ from .providers import DTYPES, copy_job, make_job, providers
 from .targets import check, report
 
 JOBS = ("update", "swap", "step", "host")
-HOST_WORKLOAD = "1000x4096"  # the host time of an EMA update is measured on 1,000 tensors
+HOST_WORKLOAD = "1000x4096"  # the host time of the EMA part of a step is measured on 1,000 tensors
 
 
 def parse_args(argv):

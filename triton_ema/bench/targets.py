@@ -2,7 +2,7 @@
 
 Each target names one row (job, workload, dtype) of ``triton-ema[triton]``
 and a bound: a fraction of the device's copy bandwidth, a speed-up over
-``torch._foreach_lerp_``, or the host time of an EMA update. A target whose
+``torch._foreach_lerp_``, or the host time of the EMA part of a step. A target whose
 rows were not measured (no GPU, or the workload was left out) says so; it
 is never counted as met.
 """
