@@ -217,6 +217,29 @@ def test_storage_replaced_between_steps_is_followed(backend):
     assert_ulps(shadows(opt)[i], 0.5 * before.double() + 2.0, scale=before.abs() + 4)
 
 
+def test_compiled_step_keeps_the_ema(backend):
+    # torch.compile(opt.step) compiles the base step; the EMA (storage checks, kernels) runs eagerly.
+    model = make_model(device=DEVICE)
+    opt = EMAOptimizer(make_base("sgd", model.parameters()), momentum=lambda t: 0.5 / (t + 1), interval=2,
+                       backend=backend)
+    step = torch.compile(opt.step, backend="aot_eager")
+    expected = [p.detach().double() for p in model.parameters()]
+    scale = [e.abs() for e in expected]  # the magnitudes each element took on the way
+    for t, (x, y) in enumerate(batches(5, device=DEVICE)):
+        (model(x) - y).square().mean().backward()
+        step()
+        opt.zero_grad()
+        if t % 2 == 0:
+            m = 0.5 / (t + 1)
+            expected = [e + m * (p.detach().double() - e) for e, p in zip(expected, model.parameters())]
+            scale = [torch.maximum(c, p.detach().double().abs()) for c, p in zip(scale, model.parameters())]
+        if t == 2:
+            model.fc.weight.data = model.fc.weight.detach().clone()  # storage replaced between compiled steps
+    assert opt.num_steps == 5
+    for s, e, c in zip(shadows(opt), expected, scale):
+        assert_ulps(s, e, scale=c, ulps=3)  # one rounding per update
+
+
 def test_parameter_dtype_change_keeps_the_ema(backend):
     model = make_model(device=DEVICE)
     opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=0.5, backend=backend)

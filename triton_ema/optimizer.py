@@ -178,6 +178,9 @@ class EMAOptimizer(torch.optim.Optimizer):
         self._step = t + 1
         return loss
 
+    # Under torch.compile(opt.step), the base step compiles and the EMA runs as
+    # written: its kernels address params through tables dynamo cannot see into.
+    @torch.compiler.disable
     @torch.no_grad()
     def _update_ema(self, momentum: float) -> None:
         self._sync()
