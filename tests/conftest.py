@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from torch._subclasses.fake_tensor import is_fake  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 try:
@@ -68,7 +69,7 @@ def live_tensor_bytes():
         warnings.simplefilter("ignore")
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     for obj in tensors:
-        if obj.device.type != "meta":
+        if obj.device.type != "meta" and not is_fake(obj):  # torch.compile leaves fake tensors behind
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     total = sum(storages.values())
