@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -174,13 +176,10 @@ class EMAOptimizer(torch.optim.Optimizer):
         momentum = momentum_at(self.schedule, t) if t % self.interval == 0 else None
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         if momentum is not None:
-            self._update_ema(momentum)
+            _update_untraced(self, momentum)
         self._step = t + 1
         return loss
 
-    # Under torch.compile(opt.step), the base step compiles and the EMA runs as
-    # written: its kernels address params through tables dynamo cannot see into.
-    @torch.compiler.disable
     @torch.no_grad()
     def _update_ema(self, momentum: float) -> None:
         self._sync()
@@ -362,3 +361,21 @@ class _EMACheckpoint:
         self._opt._refuse_while_swapped("loading the EMA checkpoint")
         self._opt._load_ema(*self._opt._check_ema(state_dict))
 
+
+@functools.cache
+def _disabled_update() -> Callable[[EMAOptimizer, float], None]:
+    return torch.compiler.disable(EMAOptimizer._update_ema)
+
+
+def _update_untraced(opt: EMAOptimizer, momentum: float) -> None:
+    """``opt._update_ema(momentum)``, never traced by torch.compile: the kernels reach
+    params through address tables that tracing cannot see. Under
+    ``torch.compile(opt.step)`` the base step compiles and the EMA runs as written.
+    Once dynamo is loaded it also takes over calls made from frames it runs
+    uncompiled, so from then on the update always goes through ``compiler.disable``."""
+    if torch.compiler.is_compiling():
+        torch.compiler.disable(EMAOptimizer._update_ema)(opt, momentum)
+    elif "torch._dynamo" in sys.modules:
+        _disabled_update()(opt, momentum)
+    else:
+        opt._update_ema(momentum)
