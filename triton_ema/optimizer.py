@@ -363,8 +363,8 @@ class _EMACheckpoint:
 
 
 @functools.cache
-def _disabled_update() -> Callable[[EMAOptimizer, float], None]:
-    return torch.compiler.disable(EMAOptimizer._update_ema)
+def _disabled_update(cls: type[EMAOptimizer]) -> Callable[[EMAOptimizer, float], None]:
+    return torch.compiler.disable(cls._update_ema)
 
 
 def _update_untraced(opt: EMAOptimizer, momentum: float) -> None:
@@ -374,8 +374,8 @@ def _update_untraced(opt: EMAOptimizer, momentum: float) -> None:
     Once dynamo is loaded it also takes over calls made from frames it runs
     uncompiled, so from then on the update always goes through ``compiler.disable``."""
     if torch.compiler.is_compiling():
-        torch.compiler.disable(EMAOptimizer._update_ema)(opt, momentum)
+        torch.compiler.disable(type(opt)._update_ema)(opt, momentum)
     elif "torch._dynamo" in sys.modules:
-        _disabled_update()(opt, momentum)
+        _disabled_update(type(opt))(opt, momentum)
     else:
         opt._update_ema(momentum)
