@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import BACKENDS, DEVICE, assert_ulps
 from models import shadows
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from triton_ema import EMAOptimizer
 from triton_ema.schedules import Constant, Cosine, Power, Warmup
@@ -137,3 +138,68 @@ def test_nonfinite_guard_sees_exactly_the_nan_and_inf(data):
     for bucket in opt._store.buckets:
         expected = any(not torch.isfinite(t).all() for t in bucket.tensors)
         assert bucket.backend.nonfinite(bucket).item() == expected
+
+
+class EMAInUse(RuleBasedStateMachine):
+    """Random sequences of steps, swaps, state-dict round trips and replaced storage
+    (same dtype, or another one): every update stays the exact lerp of the stored shadow."""
+
+    @initialize(run=runs(), group=st.sampled_from([16, 1000, None]))
+    def start(self, run, group):
+        from triton_ema import backends
+
+        self.saved_group = backends.GROUP_NUMEL.get(DEVICE.type)
+        if group is not None:  # the torch backend cuts tensors into pieces of this many elements
+            backends.GROUP_NUMEL[DEVICE.type] = group
+        self.run = {**run, "shadow_dtype": None}  # default shadows: every dtype change keeps the values
+        self.params, self.opt = make(self.run)
+        self.g = torch.Generator().manual_seed(run["seed"])
+
+    def teardown(self):
+        from triton_ema import backends
+
+        if not hasattr(self, "saved_group"):
+            return
+        if self.saved_group is None:
+            backends.GROUP_NUMEL.pop(DEVICE.type, None)
+        else:
+            backends.GROUP_NUMEL[DEVICE.type] = self.saved_group
+
+    @rule()
+    def step(self):
+        t, before = self.opt.num_steps, shadows(self.opt)
+        for p in self.params:
+            p.grad = torch.randn(p.shape, generator=self.g).to(DEVICE, p.dtype)
+        self.opt.step()
+        m = self.run["schedule"](t) if t % self.run["interval"] == 0 else 0.0
+        for s_old, s_new, p in zip(before, shadows(self.opt), self.params):
+            p64, s64 = p.detach().double(), s_old.double()
+            if m == 0.0:
+                assert torch.equal(s_new, s_old)
+            else:
+                assert_ulps(s_new, s64 + m * (p64 - s64), scale=torch.maximum(s64.abs(), p64.abs()))
+
+    @rule(data=st.data())
+    def replace_storage(self, data):
+        i = data.draw(st.integers(0, len(self.params) - 1))
+        dtype = data.draw(st.sampled_from([self.params[i].dtype, torch.float32, torch.bfloat16]))
+        before = shadows(self.opt)
+        self.params[i].data = self.params[i].detach().to(dtype, copy=True)  # the old storage is freed
+        assert all(torch.equal(a, b) for a, b in zip(before, shadows(self.opt)))
+
+    @rule()
+    def swap(self):
+        weights, ema = [p.detach().clone() for p in self.params], shadows(self.opt)
+        with self.opt.swap_ema():
+            assert all(torch.equal(p, s.to(p.dtype)) for p, s in zip(self.params, ema))
+        assert all(torch.equal(p, w) for p, w in zip(self.params, weights))
+
+    @rule()
+    def state_dict_round_trip(self):
+        before, steps = shadows(self.opt), self.opt.num_steps
+        self.opt.load_state_dict(self.opt.state_dict())
+        assert self.opt.num_steps == steps and all(torch.equal(a, b) for a, b in zip(before, shadows(self.opt)))
+
+
+EMAInUse.TestCase.settings = settings(settings.default, stateful_step_count=8)
+test_ema_in_use = EMAInUse.TestCase
