@@ -39,8 +39,8 @@ def test_perf_suites_run(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     benchmarks = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
     jobs = {b["extra_info"]["job"] for b in benchmarks}
-    assert jobs == {"update", "swap", "step"}
-    assert all(b["extra_info"]["gbps"] > 0 for b in benchmarks if b["extra_info"]["job"] != "step")
+    assert jobs == {"update", "swap", "step", "storage check"}
+    assert all(b["extra_info"]["gbps"] > 0 for b in benchmarks if b["extra_info"]["job"] in ("update", "swap"))
 
 
 def test_record_writes_bench_and_sweep(tmp_path):
