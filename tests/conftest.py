@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from torch._subclasses.fake_tensor import is_fake  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+from torch._subclasses.fake_tensor import is_fake  # noqa: E402
 
 try:
     import triton  # noqa: F401,E402

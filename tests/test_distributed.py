@@ -2,12 +2,11 @@
 
 import itertools
 
+import dist_cases
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import assert_ulps
-
-import dist_cases
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this torch build has no gloo process groups")

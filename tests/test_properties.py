@@ -5,10 +5,10 @@ import io
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE, assert_ulps
-from models import shadows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+from models import shadows
 
 from triton_ema import EMAOptimizer
 from triton_ema.schedules import Constant, Cosine, Power, Warmup

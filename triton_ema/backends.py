@@ -193,9 +193,11 @@ def triton_unavailable(bucket: Bucket) -> str | None:
     if bucket.shadow.device != device:
         return f"shadows on {bucket.shadow.device} for parameters on {device} (Triton kernels need both on one device)"
     if bucket.param_dtype not in TRITON_DTYPES or bucket.shadow.dtype not in TRITON_DTYPES:
-        return f"parameter dtype {bucket.param_dtype} with shadow dtype {bucket.shadow.dtype} (Triton kernels take float32, bfloat16, float16)"
+        return (f"parameter dtype {bucket.param_dtype} with shadow dtype {bucket.shadow.dtype} "
+                "(Triton kernels take float32, bfloat16, float16)")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "parameters on the CPU (Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing triton)"
+        return ("parameters on the CPU (Triton runs CPU tensors only in its interpreter: "
+                "set TRITON_INTERPRET=1 before importing triton)")
     if device.type not in ("cpu", "cuda"):
         return f"parameters on {device}"
     try:

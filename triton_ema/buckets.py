@@ -10,8 +10,9 @@ themselves are never moved or rebound.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -181,7 +182,8 @@ class ShadowStore:
         for bucket in stale:
             for t, name, view in zip(bucket.tensors, bucket.names, bucket.views):
                 if t.shape != view.shape:
-                    raise RuntimeError(f"{name} changed shape from {tuple(view.shape)} to {tuple(t.shape)}; its EMA cannot follow")
+                    raise RuntimeError(f"{name} changed shape from {tuple(view.shape)} to {tuple(t.shape)}; "
+                                       "its EMA cannot follow")
                 relayout |= (t.dtype, t.device, t.stride()) != (bucket.param_dtype, bucket.param_device, view.stride())
         if relayout and self.swapped:
             raise RuntimeError("parameters changed dtype, device or memory layout inside swap_ema(); "

@@ -7,9 +7,9 @@ import functools
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from numbers import Integral
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -9,9 +9,9 @@ Momentum is the weight of the new parameters: ``shadow += m * (param - shadow)``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
-from typing import Callable, Union
 
 __all__ = ["Constant", "Warmup", "Cosine", "Power", "Schedule", "as_schedule", "momentum_at"]
 
@@ -80,7 +80,8 @@ class Cosine:
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum", _check_unit("momentum", self.momentum, allow_zero=True))
         object.__setattr__(self, "end_momentum", _check_unit("end_momentum", self.end_momentum, allow_zero=True))
-        if self.total_steps is None or isinstance(self.total_steps, bool) or int(self.total_steps) != self.total_steps or self.total_steps < 1:
+        steps = self.total_steps
+        if steps is None or isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
         object.__setattr__(self, "total_steps", int(self.total_steps))
         object.__setattr__(self, "warm_up", _check_warm_up(self.warm_up))
@@ -114,7 +115,8 @@ class Power:
             raise ValueError(f"inv_gamma must be > 0, got {self.inv_gamma}")
         if not float(self.power) > 0:
             raise ValueError(f"power must be > 0, got {self.power}")
-        for name, value in (("decay", decay), ("min_decay", min_decay), ("inv_gamma", float(self.inv_gamma)), ("power", float(self.power))):
+        settings = {"decay": decay, "min_decay": min_decay, "inv_gamma": float(self.inv_gamma), "power": float(self.power)}
+        for name, value in settings.items():
             object.__setattr__(self, name, value)
 
     def __call__(self, t: int) -> float:
@@ -122,7 +124,7 @@ class Power:
         return 1.0 - min(max(decay_t, self.min_decay), self.decay)
 
 
-def as_schedule(momentum: Union[float, Schedule, None], decay: float | None) -> Schedule:
+def as_schedule(momentum: float | Schedule | None, decay: float | None) -> Schedule:
     """The schedule for the ``momentum=`` / ``decay=`` constructor arguments."""
     if momentum is not None and decay is not None:
         raise ValueError("give either momentum or decay (momentum = 1 - decay), not both")

@@ -58,7 +58,8 @@ def run_row(provider, job, workload, dtype_name, args, measure):
         torch.cuda.empty_cache()
     shadow = shadow_dtype if provider.own_shadow_dtype else param_dtype
     return {"job": job, "workload": workload.name, "tensors": len(workload.shapes), "numel": workload.numel,
-            "dtype": dtype_name, "shadow": str(shadow).replace("torch.", ""), "provider": provider.name, "median_ms": seconds * 1e3, "gbps": gbps,
+            "dtype": dtype_name, "shadow": str(shadow).replace("torch.", ""), "provider": provider.name,
+            "median_ms": seconds * 1e3, "gbps": gbps,
             "peak_extra_mb": None if peak is None else peak / 2**20}
 
 

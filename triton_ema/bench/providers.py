@@ -9,8 +9,8 @@ Peers that are not installed are reported absent, never faked.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
