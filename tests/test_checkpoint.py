@@ -1,11 +1,13 @@
 """state_dict / load_state_dict: resume continues bitwise; bad dicts are refused whole."""
 
+import copy
 import io
+import pickle
 
 import pytest
 import torch
 from conftest import DEVICE
-from models import batches, make_model, train_step
+from models import Net, batches, make_model, train_step
 
 from triton_ema import EMAOptimizer
 from triton_ema.schedules import Cosine, Warmup
@@ -146,3 +148,89 @@ def test_ema_state_dict_needs_the_model():
     opt = EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), momentum=Warmup(0.1))
     with pytest.raises(RuntimeError, match="pass model="):
         opt.ema_state_dict()
+
+
+def clones(sd):
+    return {k: v.clone() for k, v in sd.items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ema_state_dict_keeps_what_it_held(dtype, backend):
+    model, opt = build(dtype=dtype, backend=backend, interval=1)
+    data = batches(4, dtype, device=DEVICE)
+    for batch in data[:2]:
+        train_step(model, opt, batch)
+    early = opt.ema_state_dict()
+    expected_early = clones(early)
+    with opt.swap_ema():
+        assert same(early, expected_early)  # also while a swap is active
+        inside = opt.ema_state_dict()
+        expected_inside = clones(inside)
+    for batch in data[2:]:
+        train_step(model, opt, batch)  # moves the weights, the EMA and num_batches_tracked
+    assert same(early, expected_early) and same(inside, expected_inside) and same(early, inside)
+    assert not same(opt.ema_state_dict(), early)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_keeps_the_ema_and_trains_on(how, backend):
+    model, opt = build(backend=backend, interval=2)
+    data = batches(6, device=DEVICE)
+    for batch in data[:3]:
+        train_step(model, opt, batch)
+    other = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin = other.model
+    assert twin is not model and isinstance(twin, Net)
+    assert [id(p) for p in other.param_groups[0]["params"]] == [id(p) for p in twin.parameters()]
+    assert (other.num_steps, other.interval, other.schedule, other.update_buffers) == (3, 2, opt.schedule, True)
+    assert bitwise_equal(ema_values(other), ema_values(opt))
+    for batch in data[3:]:
+        train_step(model, opt, batch)
+        train_step(twin, other, batch)
+    # The copy continues exactly as the original, on its own storage.
+    assert bitwise_equal(ema_values(other), ema_values(opt))
+    assert bitwise_equal(list(twin.state_dict().values()), list(model.state_dict().values()))
+    with other.swap_ema():
+        assert same(twin.state_dict(), opt.ema_state_dict())
+
+
+class Renamed(torch.nn.Module):
+    """Net's tensors, in the same order and shapes, under other names."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Net()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_checkpoint_of_another_model_is_refused_by_name():
+    model, opt = build()
+    train_step(model, opt, batches(1, device=DEVICE)[0])
+    sd = roundtrip(opt.state_dict())
+    assert sd["ema"]["names"][:2] == ["scale", "conv.weight"]
+    other = Renamed().to(DEVICE)
+    other_opt = EMAOptimizer(torch.optim.AdamW(other.parameters(), lr=0.05), momentum=0.1, interval=3, model=other,
+                             update_buffers=True)
+    before = ema_values(other_opt)
+    with pytest.raises(ValueError, match="shadow 0 is for 'scale', this model's parameter 0 is 'inner.scale'"):
+        other_opt.load_state_dict(sd)
+    assert bitwise_equal(ema_values(other_opt), before)
+    # A deliberate rename: by position, buffers too.
+    other_opt.load_state_dict(sd, match_names=False)
+    assert bitwise_equal(ema_values(other_opt), ema_values(opt))
+
+
+def test_checkpoint_without_names_loads_by_position():
+    model, opt = build()
+    train_step(model, opt, batches(1, device=DEVICE)[0])
+    sd = roundtrip(opt.state_dict())
+    del sd["ema"]["names"]  # as saved before names were
+    _, fresh = build(seed=4)
+    fresh.load_state_dict(sd)
+    assert bitwise_equal(ema_values(fresh), ema_values(opt))

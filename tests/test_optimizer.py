@@ -190,6 +190,48 @@ def test_add_param_group_starts_new_shadows_from_current_values(backend):
     assert not torch.equal(shadows(opt)[2], now[2])
 
 
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_param_group_added_to_the_base_optimizer_is_adopted(where, backend):
+    # opt.optimizer.add_param_group(...) bypasses the wrapper: noticed at the next step.
+    model = make_model(device=DEVICE)
+    opt = EMAOptimizer(torch.optim.SGD(model.conv.parameters(), lr=0.1), momentum=0.5, backend=backend)
+    train_step(model, opt, batches(1, device=DEVICE)[0])
+    old = shadows(opt)
+    groups = [model.fc.parameters(), [model.scale]] if where == "later" else [model.fc.parameters()]
+    for params in groups:
+        opt.optimizer.add_param_group({"params": list(params), "lr": 0.01})
+    added_groups = [group["params"] for group in opt.param_groups[1:]]
+    added = [p.detach().clone() for group in added_groups for p in group]
+    train_step(model, opt, batches(1, seed=3, device=DEVICE)[0])
+    now = shadows(opt)
+    assert len(now) == 2 + len(added)
+    # The old shadows continue from their EMA; the new ones start from the values the params had when added.
+    for shadow, start, p in zip(now, old + added, [*model.conv.parameters(), *sum(added_groups, [])]):
+        p64, s64 = p.detach().double(), start.double()
+        assert_ulps(shadow, s64 + 0.5 * (p64 - s64), scale=torch.maximum(s64.abs(), p64.abs()))
+
+
+@pytest.mark.parametrize("momentum, decay, hint", [
+    (0.9999, None, "momentum=0.9999 is the weight of the new parameters; if you meant a decay .* pass decay=0.9999"),
+    (None, 1e-4, "decay=0.0001 is momentum 0.9999; if you meant a momentum of 0.0001, pass momentum=0.0001"),
+    (Constant(0.9), None, "momentum=0.9 is the weight of the new parameters"),
+    (1.0, None, "momentum=1 is the weight"),
+])
+def test_decay_passed_as_momentum_warns(momentum, decay, hint):
+    model = make_model(device=DEVICE)
+    with pytest.warns(UserWarning, match=hint) as caught:
+        EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=momentum, decay=decay)
+    assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("momentum", [0.5, 2e-4, Warmup(0.9), lambda t: 0.9])
+def test_momentum_of_at_most_half_or_a_schedule_does_not_warn(momentum):
+    model = make_model(device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=momentum)
+
+
 def test_update_buffers_averages_float_buffers_only(backend):
     model = make_model(device=DEVICE)
     opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=0.25, model=model,

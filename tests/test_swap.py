@@ -1,9 +1,11 @@
 """swap_ema(): EMA weights inside, training weights back bitwise on exit."""
 
+import gc
+
 import pytest
 import torch
 from conftest import DEVICE, live_tensor_bytes
-from models import batches, make_model, train_step
+from models import batches, make_model, shadows, train_step
 
 from triton_ema import EMAOptimizer
 
@@ -27,9 +29,17 @@ def assert_bitwise(a, b):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)), k
 
 
-@pytest.mark.parametrize("dtype, shadow_dtype", [
+DTYPE_PAIRS = pytest.mark.parametrize("dtype, shadow_dtype", [
     (torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.bfloat16),
     (torch.float32, torch.bfloat16)], ids=str)
+
+
+def ema_entries(opt):
+    ema = opt.state_dict()["ema"]
+    return [v.clone() for v in ema["shadow"].values()] + [v.clone() for v in ema["buffers"].values()]
+
+
+@DTYPE_PAIRS
 def test_swap_puts_ema_in_and_restores_bitwise(dtype, shadow_dtype, backend):
     model, opt = trained(dtype, backend, shadow_dtype=shadow_dtype, update_buffers=True)
     training = state(model)
@@ -83,12 +93,86 @@ def test_step_inside_swap_is_an_error():
     assert opt.num_steps == 3
 
 
-def test_state_dict_inside_swap_holds_the_ema():
-    model, opt = trained()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_state_dict_taken_inside_swap_keeps_the_ema(dtype):
+    model, opt = trained(dtype)
     outside = {k: v.clone() for k, v in opt.state_dict()["ema"]["shadow"].items()}
     with opt.swap_ema():
-        inside = {k: v.clone() for k, v in opt.state_dict()["ema"]["shadow"].items()}
+        inside = opt.state_dict()["ema"]["shadow"]  # saved after the block, as a training loop would
     assert all(torch.equal(outside[k], inside[k]) for k in outside)
+
+
+@DTYPE_PAIRS
+def test_writes_inside_swap_become_the_ema(dtype, shadow_dtype, backend):
+    # One rule for every dtype pair: the block's writes to params become the EMA;
+    # every element it leaves alone keeps its shadow value bitwise (a wider shadow is not rounded).
+    model, opt = trained(dtype, backend, shadow_dtype=shadow_dtype)
+    training, before = state(model), shadows(opt)
+    with opt.swap_ema(), torch.no_grad():
+        model.fc.weight[2] = 0.5
+        model.scale.copy_(torch.tensor(-2.0))
+    assert_bitwise(state(model), training)
+    after = shadows(opt)
+    names = [name for name, _ in model.named_parameters()]
+    fc, scale = names.index("fc.weight"), names.index("scale")
+    assert torch.all(after[fc][2] == 0.5) and after[scale] == -2.0
+    assert torch.equal(after[fc][:2], before[fc][:2]) and torch.equal(after[fc][3:], before[fc][3:])
+    assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(after, before)) if i not in (fc, scale))
+
+
+@DTYPE_PAIRS
+def test_train_mode_forward_inside_swap_keeps_the_ema(dtype, shadow_dtype, backend):
+    # Evaluation code that forgot model.eval(): BatchNorm moves its statistics; the EMA must not follow silently.
+    model, opt = trained(dtype, backend, shadow_dtype=shadow_dtype, update_buffers=True)
+    training, before = state(model), ema_entries(opt)
+    with pytest.warns(UserWarning, match="bn.running_mean, bn.running_var changed inside swap_ema"):
+        with opt.swap_ema():
+            model.train()(batches(1, dtype, seed=4, device=DEVICE)[0][0])
+    assert all(torch.equal(a, b) for a, b in zip(ema_entries(opt), before))
+    training.pop("bn.num_batches_tracked")  # not averaged: the model's own counter saw the forward
+    now = state(model)
+    assert now.pop("bn.num_batches_tracked") == 4
+    assert_bitwise(now, training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_moving_the_model_inside_swap_gives_everything_back(dtype, backend):
+    model, opt = trained(backend=backend, update_buffers=True)
+    training, before = state(model), ema_entries(opt)
+    with pytest.raises(RuntimeError, match="moved to another dtype, device or layout inside swap_ema"):
+        with opt.swap_ema():
+            model.to(dtype)
+    # The training weights are in the moved model, the EMA is as it was, and the wrapper works on.
+    for name, value in model.state_dict().items():
+        expected = training[name].to(dtype) if training[name].is_floating_point() else training[name]
+        assert value.dtype == expected.dtype and torch.equal(value, expected), name
+    assert all(torch.equal(a, b) for a, b in zip(ema_entries(opt), before))
+    model.to(torch.float32)  # AdamW's state is float32 (and backend="triton" takes no float64)
+    with opt.swap_ema():
+        assert torch.equal(model.fc.weight, before[5])
+    opt.load_state_dict(opt.state_dict())
+    train_step(model, opt, batches(1, seed=7, device=DEVICE)[0])
+    assert opt.num_steps == 4
+
+
+def test_reshaping_a_param_inside_swap_puts_the_old_one_back(backend):
+    model, opt = trained(backend=backend)
+    training, before = state(model), ema_entries(opt)
+    with pytest.raises(RuntimeError, match="fc.weight moved"):
+        with opt.swap_ema():
+            model.fc.weight.data = torch.zeros(3, 3, device=DEVICE)
+    assert_bitwise(state(model), training)
+    assert all(torch.equal(a, b) for a, b in zip(ema_entries(opt), before))
+
+
+def test_swap_without_with_is_reported():
+    model, opt = trained()
+    training = state(model)
+    with pytest.warns(RuntimeWarning, match="without `with`: nothing was swapped") as caught:
+        opt.swap_ema()
+        gc.collect()
+    assert caught[0].filename == __file__
+    assert_bitwise(state(model), training)
 
 
 def test_equal_dtype_swap_allocates_nothing(backend):

@@ -61,11 +61,14 @@ class Backend(abc.ABC):
             bucket.stash = stash
 
     def swap_out(self, bucket: Bucket) -> None:
-        """Undo :meth:`swap_in`: training weights back bitwise, shadow untouched."""
+        """Undo :meth:`swap_in`: training weights back bitwise. What the params
+        hold became the EMA: exchanged back in place, or, from a stash, only the
+        elements the block wrote (an element left alone keeps its wider shadow value)."""
         if bucket.exchanged:
             self.exchange(bucket)
             bucket.exchanged = False
         elif bucket.stash is not None:
+            keep_writes(bucket)
             self.copy(bucket, bucket.stash, to_params=True)
             bucket.stash = None
 
@@ -133,6 +136,18 @@ def _lerp(views: list[Tensor], params: list[Tensor], momentum: float) -> None:
     wide = [v.to(compute) for v in views]
     torch._foreach_lerp_(wide, ends, momentum)
     torch._foreach_copy_(views, wide)
+
+
+def keep_writes(bucket: Bucket) -> None:
+    """After a stashed swap: every param element whose bits differ from its
+    shadow rounded to the param's dtype (what :meth:`Backend.swap_in` put there)
+    was written in the block; its value goes into the shadow."""
+    int_dtype = _INT_OF_SIZE[bucket.param_dtype.itemsize]
+    for shadow, param, _, _ in _pieces(bucket, GROUP_NUMEL.get(bucket.shadow.device.type, DEFAULT_GROUP_NUMEL)):
+        param = param.to(shadow.device)
+        written = param.view(int_dtype) != shadow.to(param.dtype).view(int_dtype)
+        if written.any():
+            shadow.copy_(torch.where(written, param.to(shadow.dtype), shadow))
 
 
 class TorchBackend(Backend):

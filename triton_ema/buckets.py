@@ -39,6 +39,10 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return (a.shape, a.stride(), a.dtype, a.device) == (b.shape, b.stride(), b.dtype, b.device)
+
+
 def _padded(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -88,6 +92,17 @@ class Bucket:
         """Where the EMA values are now: the params themselves while exchanged."""
         return self.tensors if self.exchanged else self.views
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Views come back as separate tensors from pickle: rebuilt from the shadow on load.
+        # The backend's cache holds raw addresses of this process's tensors.
+        state = self.__dict__.copy()
+        state.update(views=None, cache={})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.views = self.views_of(self.shadow)
+
 
 def _group(tensors: Sequence[Tensor], shadow_dtype: torch.dtype | None, device: torch.device | None) -> dict[tuple, list[int]]:
     groups: dict[tuple, list[int]] = {}
@@ -133,6 +148,7 @@ class ShadowStore:
         self.device = device
         self.backend = backend
         self.skips: dict[torch.device, Tensor] = {}  # per device: bucket updates skipped for non-finite params
+        self.held: list[Tensor] | None = None  # while swapped: the storage that swap_in swapped
         self.rebuild(list(tensors), list(names), [None] * len(tensors))
 
     def rebuild(self, tensors: list[Tensor], names: list[str], values: list[Tensor | None]) -> None:
@@ -224,10 +240,36 @@ class ShadowStore:
             for bucket in reversed(done):
                 bucket.backend.swap_out(bucket)
             raise
+        # The swapped storage, kept alive: if the block moves a tensor elsewhere, the
+        # training weights still have a place to come back to.
+        self.held = [t.detach() for t in self.tensors]
 
-    def swap_out(self) -> None:
+    def swap_out(self, current: Sequence[Tensor]) -> dict[int, Tensor]:
+        """Undo :meth:`swap_in`; ``current`` are the tensors as the model holds them now.
+
+        A tensor whose storage was replaced by one of the same layout is swapped
+        out of its new storage (what it holds becomes the EMA, as any write in the
+        block does). One moved to another dtype, device, shape or memory layout is
+        swapped out of the storage it had at :meth:`swap_in`: the EMA keeps its
+        values from before the move, and the training weights land in that old
+        storage, returned as ``{i: old storage}`` for the caller to put them into
+        the model. Afterwards the store tracks ``current`` (the next
+        :meth:`refresh` lays the buckets out anew for the moved ones)."""
+        held, self.held = self.held, None
+        moved = {i: h for i, (t, h) in enumerate(zip(current, held)) if not _same_layout(t, h)}
+        self._retrack([moved.get(i, t) for i, t in enumerate(current)])
+        self.refresh()
+        if moved:  # a backend's cache may describe a tensor by the object, whose dtype moved with it
+            for bucket in self.buckets:
+                bucket.cache.clear()
         for bucket in self.buckets:
             bucket.backend.swap_out(bucket)
+        self._retrack(list(current))
+        return moved
+
+    def _retrack(self, tensors: list[Tensor]) -> None:
+        for i, t in enumerate(tensors):
+            self.replace(i, t)
 
     def reset(self) -> None:
         """Shadows become copies of the current tensors."""

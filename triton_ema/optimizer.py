@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from numbers import Integral
 from typing import Any
 
@@ -17,7 +16,8 @@ from torch import Tensor, nn
 from . import sharding
 from .backends import BACKENDS
 from .buckets import ShadowStore
-from .schedules import Schedule, as_schedule, momentum_at
+from .schedules import Constant, Schedule, as_schedule, momentum_at
+from .swap import SwapContext
 
 __all__ = ["EMAOptimizer"]
 
@@ -52,12 +52,16 @@ class EMAOptimizer(torch.optim.Optimizer):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         schedule = as_schedule(momentum, decay)
+        _warn_if_decay_like(schedule, decay is not None)
         if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if update_buffers and model is None:
             raise ValueError("update_buffers=True needs model= (the module whose buffers to average)")
+        if model is not None and not _shares_params(model, optimizer):
+            raise ValueError(f"model= ({type(model).__name__}) shares no parameter with the optimizer (a copy of the "
+                             "model?); pass the module whose parameters the optimizer updates")
         if shadow_dtype is not None and shadow_dtype not in SHADOW_DTYPES:
             raise TypeError(f"shadow_dtype must be one of {SHADOW_DTYPES} or None, got {shadow_dtype!r}")
         if device is not None:
@@ -74,14 +78,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         self.model = model
         self.update_buffers = update_buffers
         self.skip_nonfinite = bool(skip_nonfinite)
-        # Optimizer.__init__ is not called (it would rebuild param_groups); set up its hooks.
-        self._optimizer_step_pre_hooks: dict = OrderedDict()
-        self._optimizer_step_post_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
-        self._patch_step_function()
+        self._init_hooks()
 
         self._buffer_slots = self._find_buffers() if update_buffers else []
         tensors, names = self._tracked()
@@ -110,6 +107,26 @@ class EMAOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"EMAOptimizer({self.optimizer!r},\n  schedule={self.schedule!r}, interval={self.interval}, "
                 f"update_buffers={self.update_buffers}, step={self._step})")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickle: everything, the wrapped optimizer and
+        the EMA included; hooks are dropped, as ``torch.optim.Optimizer`` drops them."""
+        self._refuse_while_swapped("copying or pickling the optimizer")
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_hooks()
+
+    def _init_hooks(self) -> None:
+        # Optimizer.__init__ is not called (it would rebuild param_groups); set up its hooks.
+        self._optimizer_step_pre_hooks: dict = OrderedDict()
+        self._optimizer_step_post_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        self._patch_step_function()
 
     # --- what is averaged -------------------------------------------------
 
@@ -153,7 +170,9 @@ class EMAOptimizer(torch.optim.Optimizer):
         return [sharding.local(t) for t in self._objects], names + [name for _, _, name in self._buffer_slots]
 
     def _sync(self) -> None:
-        """Follow buffers that ``module.to()`` replaced, shards that moved, and storage that moved."""
+        """Follow params added behind the wrapper's back, buffers that ``module.to()``
+        replaced, shards that moved, and storage that moved."""
+        self._adopt_new_params()
         n = self._num_params
         for j, (module, attr, name) in enumerate(self._buffer_slots):
             buf = module._buffers.get(attr)
@@ -173,6 +192,7 @@ class EMAOptimizer(torch.optim.Optimizer):
             raise RuntimeError("step() inside swap_ema(): the model holds the EMA weights; leave the with-block first")
         t = self._step
         # Everything that can fail runs before the base step touches a weight.
+        self._adopt_new_params()
         momentum = momentum_at(self.schedule, t) if t % self.interval == 0 else None
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         if momentum is not None:
@@ -193,14 +213,26 @@ class EMAOptimizer(torch.optim.Optimizer):
         self._refuse_while_swapped("add_param_group()")
         self.optimizer.add_param_group(param_group)
         try:
-            tensors, names = self._tracked()
-            kept = {id(t): self._store.shadow_view(i) for i, t in enumerate(self._store.tensors)}
-            with torch.no_grad():
-                self._store.rebuild(tensors, names, [kept.get(id(t)) for t in tensors])
+            self._track_params()
         except BaseException:  # refused: the optimizer and the EMA stay as they were
             self.param_groups.pop()
             self._tracked()
             raise
+
+    def _adopt_new_params(self) -> None:
+        """Params added to the wrapped optimizer itself (``opt.optimizer.add_param_group``)
+        are noticed at the next step, swap or checkpoint: their shadows start as
+        copies of their current values (removed ones are dropped)."""
+        if sum(len(group["params"]) for group in self.param_groups) != self._num_params:
+            self._refuse_while_swapped("adding parameters to the wrapped optimizer")
+            self._track_params()
+
+    def _track_params(self) -> None:
+        """Lay out shadows for the optimizer's params as they are now, keeping the EMA of those already tracked."""
+        tensors, names = self._tracked()
+        kept = {id(t): self._store.shadow_view(i) for i, t in enumerate(self._store.tensors)}
+        with torch.no_grad():
+            self._store.rebuild(tensors, names, [kept.get(id(t)) for t in tensors])
 
     def _refuse_while_swapped(self, what: str) -> None:
         if self._store.swapped:
@@ -208,36 +240,45 @@ class EMAOptimizer(torch.optim.Optimizer):
 
     # --- EMA weights --------------------------------------------------------
 
-    @contextlib.contextmanager
-    def swap_ema(self) -> Iterator[EMAOptimizer]:
-        """Inside the block the model holds the EMA weights; on exit, also by an
-        exception, the training weights are back, bitwise."""
-        if self._store.swapped:
-            raise RuntimeError("swap_ema() is already active; nesting it would put training weights in the model")
-        with torch.no_grad():
-            self._sync()
-            self._store.swap_in()
-        try:
-            yield self
-        finally:
-            with torch.no_grad():
-                self._store.refresh()
-                self._store.swap_out()
+    def swap_ema(self) -> SwapContext:
+        """``with opt.swap_ema():`` the model holds the EMA weights; on exit, also
+        by an exception, the training weights are back, bitwise.
+
+        Inside the block the averaged parameters are the EMA: what the block
+        writes to them becomes the EMA (elements it leaves alone keep their
+        exact shadow values, for every dtype pair). Averaged buffers are put back
+        on exit if the block changed them (a forward in train mode), with a
+        warning. If the block moves the model to another dtype or device, the
+        training weights still come back (into the moved tensors), the EMA keeps
+        its values from before the move, and the exit raises an error."""
+        return SwapContext(self)
+
+    def _current_tensors(self) -> list[Tensor]:
+        """The averaged tensors as the model holds them now (buffers that ``module.to()`` replaced)."""
+        n = self._num_params
+        for j, (module, attr, _) in enumerate(self._buffer_slots):
+            buf = module._buffers.get(attr)
+            if buf is not None:
+                self._objects[n + j] = buf
+        return [sharding.local(t) for t in self._objects]
 
     def ema_state_dict(self, full: bool = False) -> dict[str, Tensor]:
         """``model.state_dict()`` with EMA values for every averaged tensor, in
-        the model's dtypes; entries not averaged keep the model's values.
+        the model's dtypes; entries not averaged keep the model's values. Every
+        value is a copy: it keeps what it held when this was called.
 
         Sharded (DTensor) entries stay DTensors, as ``set_model_state_dict``
         takes them; ``full=True`` gathers them into whole tensors for export
         (a collective: every rank must call it)."""
         if self.model is None:
             raise RuntimeError("ema_state_dict() needs the model: pass model= to EMAOptimizer")
+        self._adopt_new_params()
         index = {id(t): i for i, t in enumerate(self._objects)}
         out = {}
         for name, value in self.model.state_dict(keep_vars=True).items():
             i = index.get(id(value))
-            ema = value.detach() if i is None else sharding.like(self._store.ema(i).detach().to(value.dtype), value)
+            local = sharding.local(value) if i is None else self._store.ema(i)
+            ema = sharding.like(local.detach().to(value.dtype, copy=True), value)
             out[name] = sharding.full(ema) if full else ema
         return out
 
@@ -245,8 +286,10 @@ class EMAOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus ``"ema"``. The shadows are
-        views of the live EMA (no copy), as optimizer state tensors are;
-        shadows of DTensor params are DTensors with the params' placements."""
+        views of the live EMA (no copy), as optimizer state tensors are, except
+        inside ``swap_ema()``, where they are copies of the EMA; shadows of
+        DTensor params are DTensors with the params' placements. With ``model=``,
+        ``"ema"`` also holds the parameter names, checked on load."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self.optimizer.state_dict()
@@ -256,15 +299,22 @@ class EMAOptimizer(torch.optim.Optimizer):
         return sd
 
     def _ema_state(self) -> dict[str, Any]:
+        self._adopt_new_params()
         n = self._num_params
-        shadow = [sharding.like(self._store.ema(i).detach(), self._objects[i]) for i in range(len(self._store))]
-        return {
+        # Inside swap_ema() the EMA sits in the model until the block ends: copies, so the dict keeps it.
+        copy = self._store.swapped
+        shadow = [sharding.like(self._store.ema(i).detach().clone() if copy else self._store.ema(i).detach(),
+                                self._objects[i]) for i in range(len(self._store))]
+        state = {
             "step": self._step,
             "interval": self.interval,
             "skipped_updates": self._store.skipped(),
             "shadow": dict(enumerate(shadow[:n])),
             "buffers": {name: shadow[n + j] for j, (_, _, name) in enumerate(self._buffer_slots)},
         }
+        if self.model is not None:
+            state["names"] = self._store.names[:n]
+        return state
 
     @property
     def ema_checkpoint(self) -> _EMACheckpoint:
@@ -273,18 +323,22 @@ class EMAOptimizer(torch.optim.Optimizer):
         beside the model and the wrapped optimizer's state."""
         return _EMACheckpoint(self)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a dict from :meth:`state_dict`: everything is checked before anything changes."""
+    def load_state_dict(self, state_dict: dict[str, Any], *, match_names: bool = True) -> None:
+        """Load a dict from :meth:`state_dict`: everything is checked before anything changes.
+
+        Where both the checkpoint and this wrapper know the parameter names
+        (``model=``), they must match; ``match_names=False`` loads by position
+        instead, for a deliberate rename (buffers too, in their saved order)."""
         self._refuse_while_swapped("load_state_dict()")
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict.copy()) or state_dict
-        self._load(state_dict)
+        self._load(state_dict, match_names)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _load(self, state_dict: dict[str, Any]) -> None:
+    def _load(self, state_dict: dict[str, Any], match_names: bool) -> None:
         base = {k: v for k, v in state_dict.items() if k != "ema"}
         if "ema" not in state_dict:
             warnings.warn("state_dict has no 'ema' entry (saved from a bare optimizer?): the optimizer state is "
@@ -294,7 +348,7 @@ class EMAOptimizer(torch.optim.Optimizer):
                 self._sync()
                 self._store.reset()
             return
-        checked = self._check_ema(state_dict["ema"])
+        checked = self._check_ema(state_dict["ema"], match_names)
         self.optimizer.load_state_dict(base)
         self._load_ema(*checked)
 
@@ -304,7 +358,7 @@ class EMAOptimizer(torch.optim.Optimizer):
             self._store.load(values, skipped)
         self._step = step
 
-    def _check_ema(self, ema: Any) -> tuple[int, int, list[Tensor]]:
+    def _check_ema(self, ema: Any, match_names: bool = True) -> tuple[int, int, list[Tensor]]:
         """The step, skip count and shadow values of a saved ``"ema"`` entry, or an error naming the culprit."""
         if not isinstance(ema, dict):
             raise TypeError(f"state_dict['ema'] must be a dict, got {type(ema).__name__}")
@@ -319,12 +373,16 @@ class EMAOptimizer(torch.optim.Optimizer):
             warnings.warn(f"the checkpoint was saved with interval={ema['interval']}; continuing with "
                           f"interval={self.interval}", stacklevel=4)
         n = self._num_params
+        if match_names:
+            self._check_names(ema.get("names"))
         saved = [("shadow", ema["shadow"], list(range(n))),
                  ("buffers", ema["buffers"], [name for _, _, name in self._buffer_slots])]
         values = []
         for key, entries, expected in saved:
             if not isinstance(entries, dict):
                 raise TypeError(f"state_dict['ema']['{key}'] must be a dict, got {type(entries).__name__}")
+            if key == "buffers" and not match_names and len(entries) == len(expected):
+                entries = dict(zip(expected, entries.values()))
             unexpected = [k for k in entries if k not in set(expected)]
             if unexpected:
                 raise ValueError(f"state_dict['ema']['{key}'] has entries this EMA does not track: {unexpected[:5]}")
@@ -348,6 +406,22 @@ class EMAOptimizer(torch.optim.Optimizer):
         return int(ema["step"]), int(ema.get("skipped_updates", 0)), values
 
 
+    def _check_names(self, saved: Any) -> None:
+        """The checkpoint's parameter names, where it has them (and ``model=`` gives ours), are ours."""
+        if saved is None or self.model is None:
+            return  # saved without model=, or before names were saved: matched by position
+        ours = self._store.names[:self._num_params]
+        if not isinstance(saved, (list, tuple)) or not all(isinstance(name, str) for name in saved):
+            raise TypeError(f"state_dict['ema']['names'] must be a list of parameter names, got {saved!r:.80}")
+        for i, (theirs, mine) in enumerate(zip(saved, ours)):
+            if theirs != mine:
+                raise ValueError(f"the checkpoint's shadow {i} is for {theirs!r}, this model's parameter {i} is {mine!r} "
+                                 "(a checkpoint of another model?); after a deliberate rename, load with "
+                                 "match_names=False")
+        if len(saved) != len(ours):
+            raise ValueError(f"the checkpoint has shadows for {len(saved)} parameters, this optimizer has {len(ours)}")
+
+
 class _EMACheckpoint:
     """A ``Stateful`` view of one wrapper's EMA state, for ``torch.distributed.checkpoint``."""
 
@@ -360,6 +434,27 @@ class _EMACheckpoint:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._opt._refuse_while_swapped("loading the EMA checkpoint")
         self._opt._load_ema(*self._opt._check_ema(state_dict))
+
+
+def _warn_if_decay_like(schedule: Schedule, given_as_decay: bool) -> None:
+    """A constant momentum above 0.5 is nearly always a decay passed as momentum (mmengine warns too)."""
+    if not isinstance(schedule, Constant) or schedule.momentum <= 0.5:
+        return
+    m = schedule.momentum
+    if given_as_decay:
+        hint = f"decay={1 - m:g} is momentum {m:g}; if you meant a momentum of {1 - m:g}, pass momentum={1 - m:g}"
+    else:
+        hint = (f"momentum={m:g} is the weight of the new parameters; if you meant a decay (timm, torch_ema, "
+                f"diffusers), pass decay={m:g} (momentum = 1 - decay)")
+    warnings.warn(f"{hint}: with momentum {m:g} each update keeps only {1 - m:g} of the EMA, which then nearly "
+                  "copies the weights", UserWarning, stacklevel=3)
+
+
+def _shares_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """The model has no parameters, or at least one of them is the optimizer's."""
+    ours = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = list(model.parameters())
+    return not params or any(id(p) in ours for p in params)
 
 
 @functools.cache
