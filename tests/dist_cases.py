@@ -107,6 +107,42 @@ def run_ddp(rank, world, store, out, kind="ddp"):
     _finish()
 
 
+class Normed(nn.Module):
+    """BatchNorm between two layers: its running statistics come from each rank's own rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(5, 7)
+        self.bn = nn.BatchNorm1d(7)
+        self.l2 = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.bn(self.l1(x))))
+
+
+def build_normed():
+    torch.manual_seed(0)
+    model = Normed()
+    return model, EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), momentum=MOMENTUM,
+                               model=model, update_buffers=True)
+
+
+def run_ddp_batchnorm(rank, world, store, out):
+    """DDP with BatchNorm and update_buffers=True, model= the inner module (as the README recommends)."""
+    _init(rank, world, store)
+    torch.manual_seed(0)
+    inner = Normed()
+    model = nn.parallel.DistributedDataParallel(inner)
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), momentum=MOMENTUM,
+                       model=model.module, update_buffers=True)
+    train(model, opt, range(STEPS))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {k: v.clone() for k, v in opt.ema_state_dict().items()})
+    if rank == 0:
+        torch.save({"ema": gathered, "checkpoint": opt.state_dict()}, out)
+    _finish()
+
+
 def run_fsdp(rank, world, store, out, mixed=False, device="cpu", backend="torch"):
     from triton_ema import sharding
 

@@ -44,6 +44,24 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path, reference, kind):
     assert_same_ema({k.removeprefix("module."): v for k, v in result["ema"].items()}, reference)
 
 
+def test_ddp_batchnorm_buffers_differ_by_rank_and_load_without_ddp(tmp_path):
+    out = tmp_path / "ddp-bn.pt"
+    launch(dist_cases.run_ddp_batchnorm, 2, tmp_path, str(out))
+    result = torch.load(out, weights_only=True)
+    first, second = result["ema"]
+    assert not any(k.startswith("module.") for k in first)
+    # Parameters' EMAs are the same on every rank; BatchNorm statistics come from each rank's own rows.
+    for k in ("l1.weight", "bn.weight", "l2.bias"):
+        assert torch.equal(first[k], second[k]), k
+    assert not torch.equal(first["bn.running_mean"], second["bn.running_mean"])
+    # model=ddp.module: the EMA and the checkpoint load into a model without DDP.
+    model, opt = dist_cases.build_normed()
+    model.load_state_dict(first)
+    opt.load_state_dict(result["checkpoint"])
+    assert opt.num_steps == dist_cases.STEPS
+    assert all(torch.equal(v, first[k]) for k, v in opt.ema_state_dict().items())
+
+
 @pytest.mark.parametrize("mixed, backend", [(False, "torch"), (True, "torch"), (False, "triton")],
                          ids=["fp32", "bf16-compute", "fp32-triton"])
 def test_fsdp2_shard_local_ema(tmp_path, reference, mixed, backend):

@@ -13,6 +13,9 @@ from models import shadows
 from triton_ema import EMAOptimizer
 from triton_ema.schedules import Constant, Cosine, Power, Warmup
 
+# Random constant momenta above 0.5 are meant here: not a decay passed as momentum.
+pytestmark = pytest.mark.filterwarnings("ignore:momentum=.* is the weight of the new parameters:UserWarning")
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 unit = st.floats(min_value=1e-4, max_value=1.0)
 

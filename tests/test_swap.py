@@ -155,6 +155,21 @@ def test_moving_the_model_inside_swap_gives_everything_back(dtype, backend):
     assert opt.num_steps == 4
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU: the model moves from it to the CPU")
+def test_moving_the_model_to_another_device_inside_swap_gives_everything_back(backend):
+    model, opt = trained(backend=backend, update_buffers=True)
+    training, before = state(model), ema_entries(opt)
+    with pytest.raises(RuntimeError, match="moved to another dtype, device or layout inside swap_ema"):
+        with opt.swap_ema():
+            model.cpu()
+    for name, value in model.state_dict().items():
+        assert value.device.type == "cpu" and torch.equal(value, training[name].cpu()), name
+    assert all(torch.equal(a, b) for a, b in zip(ema_entries(opt), before))
+    model.to(DEVICE)
+    train_step(model, opt, batches(1, seed=7, device=DEVICE)[0])
+    assert opt.num_steps == 4
+
+
 def test_reshaping_a_param_inside_swap_puts_the_old_one_back(backend):
     model, opt = trained(backend=backend)
     training, before = state(model), ema_entries(opt)
