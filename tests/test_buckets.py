@@ -48,3 +48,30 @@ def test_views_follow_the_tensors_memory_order():
     bucket.views[0].copy_(t)
     assert bucket.views[0].stride() == t.stride()
     assert torch.equal(bucket.shadow[:24], torch.arange(24.0))  # the same order as t's storage
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["data_ptr-pass", "torch-c++-loop"])
+def test_storage_watch_sees_every_replaced_storage_and_nothing_else(native, monkeypatch):
+    from triton_ema import buckets
+
+    if native and buckets._PTRS_EQUAL is None:
+        pytest.skip("this torch build has no _tensors_data_ptrs_at_indices_equal (CUDA builds have it)")
+    if not native:
+        monkeypatch.setattr(buckets, "_PTRS_EQUAL", None)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 0, 17, 1000)]
+    tensors = list(params)
+    watch = buckets.StorageWatch(tensors)
+    with torch.no_grad():
+        for p in params:
+            p.mul_(2)  # in place: the same storage
+    assert not watch.moved()
+    for replace in (
+        lambda: setattr(params[2], "data", params[2].detach().clone()),  # p.data = ...
+        # module.to() and load_state_dict(assign=True) with torch.__future__'s swapping on:
+        lambda: torch.utils.swap_tensors(params[3], torch.nn.Parameter(params[3].detach().to(torch.bfloat16))),
+        lambda: tensors.__setitem__(0, torch.randn(3)),  # another object in its place (a replaced buffer)
+    ):
+        replace()
+        assert watch.moved()
+        watch.mark()
+        assert not watch.moved()

@@ -145,7 +145,8 @@ def test_nonfinite_guard_sees_exactly_the_nan_and_inf(data):
 
 class EMAInUse(RuleBasedStateMachine):
     """Random sequences of steps, swaps, state-dict round trips and replaced storage
-    (same dtype, or another one): every update stays the exact lerp of the stored shadow."""
+    (``p.data = ...`` or swapped tensors; same dtype, or another one): every update
+    stays the exact lerp of the stored shadow."""
 
     @initialize(run=runs(), group=st.sampled_from([16, 1000, None]))
     def start(self, run, group):
@@ -188,6 +189,14 @@ class EMAInUse(RuleBasedStateMachine):
         dtype = data.draw(st.sampled_from([self.params[i].dtype, torch.float32, torch.bfloat16]))
         before = shadows(self.opt)
         self.params[i].data = self.params[i].detach().to(dtype, copy=True)  # the old storage is freed
+        assert all(torch.equal(a, b) for a, b in zip(before, shadows(self.opt)))
+
+    @rule(data=st.data())
+    def swap_tensors(self, data):  # what module.to() and load_state_dict(assign=True) do when swapping is on
+        i = data.draw(st.integers(0, len(self.params) - 1))
+        dtype = data.draw(st.sampled_from([self.params[i].dtype, torch.float32, torch.bfloat16]))
+        before = shadows(self.opt)
+        torch.utils.swap_tensors(self.params[i], torch.nn.Parameter(self.params[i].detach().to(dtype, copy=True)))
         assert all(torch.equal(a, b) for a, b in zip(before, shadows(self.opt)))
 
     @rule()

@@ -47,6 +47,28 @@ def _padded(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+# Torch's one C++ loop comparing many tensors' data pointers with saved ones (its
+# CUDA graphs check their static inputs with it); CUDA builds have it, CPU builds do not.
+_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+
+
+class StorageWatch:
+    """Whether any tensor's storage moved since :meth:`mark`, in one pass over all of them."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors = tensors  # the caller's own list: a tensor put in its place is watched
+        self.mark()
+
+    def mark(self) -> None:
+        self.ptrs = list(map(Tensor.data_ptr, self.tensors))
+        self.indices = list(range(len(self.tensors)))
+
+    def moved(self) -> bool:
+        if _PTRS_EQUAL is not None:
+            return not _PTRS_EQUAL(self.tensors, self.ptrs, self.indices)
+        return list(map(Tensor.data_ptr, self.tensors)) != self.ptrs
+
+
 @dataclass(eq=False)
 class Bucket:
     """Shadows of tensors that share device and dtype, in one flat buffer."""
@@ -165,6 +187,7 @@ class ShadowStore:
                 if value is not None:
                     buckets[b].views[slot].copy_(value)
         self.tensors, self.names, self.buckets, self.where = tensors, names, buckets, where
+        self.watch = StorageWatch(tensors)
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -190,10 +213,11 @@ class ShadowStore:
 
     def refresh(self) -> None:
         """Notice storage that was replaced (``p.data = ...``, ``module.to()``,
-        ``load_state_dict(assign=True)``) before any job touches it."""
-        stale = [b for b in self.buckets if b.current_ptrs() != b.ptrs]
-        if not stale:
+        ``load_state_dict(assign=True)``) before any job touches it: one pass over
+        every tensor's data pointer while nothing moved."""
+        if not self.watch.moved():
             return
+        stale = [b for b in self.buckets if b.current_ptrs() != b.ptrs]
         relayout = False
         for bucket in stale:
             for t, name, view in zip(bucket.tensors, bucket.names, bucket.views):
@@ -210,6 +234,7 @@ class ShadowStore:
         for bucket in stale:
             bucket.ptrs = bucket.current_ptrs()
             bucket.cache.clear()
+        self.watch.mark()
 
     # Jobs: one backend call per bucket.
 
