@@ -9,6 +9,7 @@ from pathlib import Path
 from triton_ema.bench.__main__ import main
 from triton_ema.bench.providers import providers
 from triton_ema.bench.targets import OURS, PEER, TARGETS, check, report
+from triton_ema.bench.train import variants
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,12 +20,19 @@ def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
     env, rows = result["environment"], result["rows"]
     assert {"device", "torch", "triton", "commit", "date", "copy_gbps"} <= env.keys() and env["copy_gbps"] > 0
     present = {p.name for p in providers() if p.absent is None}
-    assert {r["provider"] for r in rows} == present
-    assert set(env["absent"]) == {p.name for p in providers()} - present
+    assert {r["provider"] for r in rows if r["job"] != "train"} == present
+    assert set(env["absent"]) - set(variants()) == {p.name for p in providers()} - present
     for r in rows:
-        assert r["median_ms"] > 0 and r["peak_extra_mb"] >= 0 and r["triton_ema_speedup"] > 0
-        assert (r["gbps"] is None) == (r["job"] in ("step", "host"))
-    assert {r["job"] for r in rows} == {"update", "swap", "step", "host"}
+        assert r["median_ms"] > 0 and r["triton_ema_speedup"] > 0
+        assert (r["peak_extra_mb"] is None) == (r["job"] == "train")
+        assert (r["gbps"] is None) == (r["job"] in ("step", "host", "train"))
+    assert {r["job"] for r in rows} == {"update", "swap", "step", "host", "parity", "train"}
+    parity = {r["provider"] for r in rows if r["job"] == "parity"}
+    assert parity == {p.name for p in providers() if p.absent is None and "parity" in p.jobs}
+    assert parity >= {"triton-ema[torch]", "foreach_lerp"}
+    train = [r for r in rows if r["job"] == "train"]
+    assert train[0]["provider"] == "no EMA" and train[0]["ema_share"] == 0
+    assert {r["provider"] for r in train} | set(env["absent"]) >= {"triton-ema", "timm ModelEmaV3", "foreach mul_+add_ (NeMo)"}
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert [t["target"] for t in result["targets"]] == [str(t) for t in TARGETS]
     assert all(t["status"] == "not measured" and t["value"] is None for t in result["targets"])  # tiny workloads
@@ -39,7 +47,7 @@ def test_perf_suites_run(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     benchmarks = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
     jobs = {b["extra_info"]["job"] for b in benchmarks}
-    assert jobs == {"update", "swap", "step", "storage check"}
+    assert jobs == {"update", "swap", "step", "storage check", "host step", "parity", "train"}
     assert all(b["extra_info"]["gbps"] > 0 for b in benchmarks if b["extra_info"]["job"] in ("update", "swap"))
 
 
@@ -77,8 +85,21 @@ def test_targets_are_met_missed_or_not_measured():
         "update 1b fp32: >= 1.3x faster than foreach_lerp": ("missed", 5.0 / 4.0),
         "update 2000x4096 fp32: >= 3x faster than foreach_lerp": ("met", 0.31 / 0.1),
         "host 1000x4096 fp32: host time <= 50 us": ("missed", 0.051 * 1e3),
+        "parity 2000x4096 fp32: triton-ema[torch] at least as fast as foreach_lerp": ("not measured", None),
+        "parity 150x300000 fp32: triton-ema[torch] at least as fast as foreach_lerp": ("not measured", None),
     }
-    assert report(check(rows)).count("not measured") == 3  # two targets, and the note on why
+    assert report(check(rows)).count("not measured") == 5  # four targets, and the note on why
+
+
+def test_parity_targets_compare_the_torch_backend_with_a_bare_foreach_lerp():
+    rows = [_row("triton-ema[torch]", "parity", "2000x4096", "fp32", 10.0), _row(PEER, "parity", "2000x4096", "fp32", 10.5),
+            _row("triton-ema[torch]", "parity", "150x300000", "fp32", 50.0), _row(PEER, "parity", "150x300000", "fp32", 49.0),
+            _row(OURS, "parity", "2000x4096", "fp32", 1.0)]  # another provider's row counts for nothing here
+    found = {r["target"]: (r["status"], r["value"]) for r in check(rows) if r["target"].startswith("parity")}
+    assert found == {
+        "parity 2000x4096 fp32: triton-ema[torch] at least as fast as foreach_lerp": ("met", 10.5 / 10.0),
+        "parity 150x300000 fp32: triton-ema[torch] at least as fast as foreach_lerp": ("missed", 49.0 / 50.0),
+    }
 
 
 def test_a_target_needs_both_rows_of_a_speedup():

@@ -15,12 +15,16 @@ from pathlib import Path
 
 import torch
 
-from .measure import WORKLOADS, environment, host_time, job_bytes, median, peak_extra_bytes, timer
+from .measure import WORKLOADS, environment, host_time, interleaved, job_bytes, median, peak_extra_bytes, timer
 from .providers import DTYPES, copy_job, make_job, providers
 from .targets import check, report
+from .train import default_config, train_rows
 
-JOBS = ("update", "swap", "step", "host")
-HOST_WORKLOAD = "1000x4096"  # the host time of the EMA part of a step is measured on 1,000 tensors
+JOBS = ("update", "swap", "step", "host", "parity", "train")
+# The host time of the EMA part of a step is measured on 1,000 tensors; the parity of a whole
+# opt.step() with a bare torch._foreach_lerp_ on many small and on fewer large tensors, fp32.
+JOB_WORKLOADS = {"host": ["1000x4096"], "parity": ["2000x4096", "150x300000"]}
+JOB_DTYPES = {"parity": ["fp32"]}
 
 
 def parse_args(argv):
@@ -45,14 +49,28 @@ def parse_args(argv):
     return args
 
 
-def run_row(provider, job, workload, dtype_name, args, measure):
+def run_rows(tasks, args, measure):
+    """One row per task. Parity tasks (one job, workload and dtype) are timed in turn, call by
+    call, and three times as often: the rows are compared with each other to a few percent."""
+    if tasks[0][1] != "parity":
+        return [run_row(*task, args, measure) for task in tasks]
+    fns = [make_job(p, job, w, d, args.device) for p, job, w, d in tasks]
+    times = interleaved(fns, 3 * args.reps, measure)
+    return [run_row(*task, args, measure, made=(fn, ts)) for task, fn, ts in zip(tasks, fns, times)]
+
+
+def run_row(provider, job, workload, dtype_name, args, measure, made=None):
+    """``made``: the job's function and its times, where they were taken beside others'."""
     param_dtype, shadow_dtype = DTYPES[dtype_name]
-    fn = make_job(provider, job, workload, dtype_name, args.device)
-    seconds = median(host_time(fn, args.reps, args.device) if job == "host" else measure(fn, args.reps))
+    if made is None:
+        fn = make_job(provider, job, workload, dtype_name, args.device)
+        seconds = median(host_time(fn, args.reps, args.device) if job == "host" else measure(fn, args.reps))
+    else:
+        fn, seconds = made[0], median(made[1])
     peak = peak_extra_bytes(fn, args.device)
     nbytes = job_bytes(job, param_dtype.itemsize, shadow_dtype.itemsize)
     gbps = nbytes * workload.numel / seconds / 1e9 if nbytes else None
-    del fn
+    del fn, made
     gc.collect()
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -82,6 +100,15 @@ def table(rows) -> str:
         extra = f"{r['peak_extra_mb']:8.1f}" if r["peak_extra_mb"] is not None else f"{'-':>8}"
         lines.append(f"{r['job']:6} {r['workload']:11} {r['dtype']:5} {r['provider']:26} {r['shadow']:8} {r['median_ms']:9.3f} "
                      f"{gbps} {frac} {r['triton_ema_speedup']:6.2f}x {extra}")
+    return "\n".join(lines)
+
+
+def train_table(rows) -> str:
+    r0 = rows[0]
+    lines = [f"training step: {r0['workload']} ({r0['numel'] / 1e6:.1f}M parameters in {r0['tensors']} tensors), "
+             f"{r0['dtype']}, AdamW; EMA share = (step - step without EMA) / step",
+             f"{'variant':26} {'ms':>9} {'EMA share':>10}"]
+    lines += [f"{r['provider']:26} {r['median_ms']:9.2f} {100 * r['ema_share']:9.1f}%" for r in rows]
     return "\n".join(lines)
 
 
@@ -134,11 +161,19 @@ def main(argv=None) -> dict:
 
     available = [p for p in providers() if p.absent is None]
     env["absent"] = {p.name: p.absent for p in providers() if p.absent is not None}
-    host = ["tiny-many"] if args.tiny else [HOST_WORKLOAD]
-    tasks = [(p, job, WORKLOADS[w], d) for job in args.jobs for w in (host if job == "host" else args.workloads)
-             for d in args.dtypes for p in available if job in p.jobs]
-    rows = [run_row(p, job, w, d, args, measure)
-            for p, job, w, d in tqdm(tasks, desc="bench", unit="row", disable=args.quiet)]
+    batches = []  # tasks timed together: one (job, workload, dtype) at a time
+    for job in args.jobs:
+        for w in ["tiny-many"] if args.tiny and job in JOB_WORKLOADS else JOB_WORKLOADS.get(job, args.workloads):
+            for d in [d for d in JOB_DTYPES.get(job, args.dtypes) if d in args.dtypes]:
+                batch = [(p, job, WORKLOADS[w], d) for p in available if job in p.jobs]
+                batches += [batch] if job == "parity" else [[task] for task in batch]
+    rows = [row for batch in tqdm([b for b in batches if b], desc="bench", unit="row", disable=args.quiet)
+            for row in run_rows(batch, args, measure)]
+    if "train" in args.jobs:
+        found, absent = train_rows(default_config(args.device, args.tiny), args.device, args.reps, measure, interleaved,
+                                   median)
+        rows += found
+        env["absent"].update(absent)
     add_ratios(rows, env["copy_gbps"])
 
     result = {"environment": env, "rows": rows, "targets": check(rows)}
@@ -147,7 +182,9 @@ def main(argv=None) -> dict:
     plot(rows, env, png_path)
     print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}; commit {env['commit']}; {env['date']}")
     print(f"device copy: {env['copy_gbps']:.1f} GB/s")
-    print(table(rows))
+    print(table([r for r in rows if r["job"] != "train"]))
+    if "train" in args.jobs:
+        print(train_table([r for r in rows if r["job"] == "train"]))
     for name, why in env["absent"].items():
         print(f"absent: {name}: {why}")
     print("GB/s counts the bytes the job must move with the shadow dtype asked for (fp32 for bf16 params); a provider\n"

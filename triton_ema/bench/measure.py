@@ -45,6 +45,7 @@ WORKLOADS = {
     "gpt2-small": Workload("gpt2-small", gpt2_small_shapes()),
     "1b": Workload("1b", ((4096, 813),) * 300, gpu_only=True),  # 999M in 300 tensors
     "1000x4096": Workload("1000x4096", ((4096,),) * 1000),
+    "150x300000": Workload("150x300000", ((300000,),) * 150),
     # Tiny stand-ins, for smoke tests of the machinery itself.
     "tiny-many": Workload("tiny-many", ((64,),) * 40),
     "tiny-gpt2": Workload("tiny-gpt2", gpt2_small_shapes(d=16, layers=2, vocab=100, ctx=32)),
@@ -52,7 +53,7 @@ WORKLOADS = {
 
 # Bytes a job must move per element, for (param bytes, shadow bytes): the design's formulas.
 def job_bytes(job: str, ep: int, es: int) -> int | None:
-    if job == "update":  # read param, read + write shadow
+    if job in ("update", "parity"):  # read param, read + write shadow
         return ep + 2 * es
     if job == "swap":  # in and out: an in-place exchange twice, or stash + copy in, copy back
         return 4 * (ep + es) if ep == es else 5 * ep + es
@@ -61,15 +62,15 @@ def job_bytes(job: str, ep: int, es: int) -> int | None:
 
 def timer(device: torch.device) -> Callable[[Callable[[], object], int], list[float]]:
     """Seconds per call, for ``reps`` calls after a warm-up call."""
-    def cuda_time(fn, reps):
+    def cuda_time(fn, reps, warm=True):
         import triton.testing
 
-        fn()
-        ms = triton.testing.do_bench(fn, warmup=25, rep=max(100, reps * 10), return_mode="all")
+        ms = triton.testing.do_bench(fn, warmup=25 if warm else 1, rep=max(100, reps * 10), return_mode="all")
         return [m / 1e3 for m in ms]
 
-    def cpu_time(fn, reps):
-        fn()
+    def cpu_time(fn, reps, warm=True):
+        if warm:
+            fn()
         out = []
         for _ in range(reps):
             start = time.perf_counter()
@@ -95,6 +96,18 @@ def host_time(fn: Callable[[], object], reps: int, device: torch.device) -> list
         fn()
         out.append(time.perf_counter() - start)
     sync()
+    return out
+
+
+def interleaved(fns: list[Callable[[], object]], reps: int, measure) -> list[list[float]]:
+    """Seconds per call of each of ``fns``, timed in turn, one call each per round: a
+    machine whose speed drifts (other processes, clocks) slows them all alike."""
+    out = [[] for _ in fns]
+    for fn in fns:
+        fn()
+    for _ in range(reps):
+        for fn, times in zip(fns, out):
+            times += measure(fn, 1, warm=False)
     return out
 
 

@@ -90,8 +90,9 @@ def triton_ema(backend: str) -> Provider:
             _ema([probe], None, "triton")
         except (ValueError, ImportError) as err:
             absent = str(err)
-    # "host": a whole opt.step() over an idle base optimizer, timed on the host without waiting for the device.
-    jobs = {"update": update, "swap": swap, "step": step, "host": host}
+    # "host": a whole opt.step() over an idle base optimizer, timed on the host without waiting for the device;
+    # "parity": the same step, timed with the device, against a bare torch._foreach_lerp_.
+    jobs = {"update": update, "swap": swap, "step": step, "host": host, "parity": host}
     return Provider(f"triton-ema[{backend}]", jobs, absent)
 
 
@@ -200,7 +201,7 @@ def providers() -> list[Provider]:
     return [
         triton_ema("triton"),
         triton_ema("torch"),
-        Provider("foreach_lerp", {"update": _foreach_lerp}),
+        Provider("foreach_lerp", {"update": _foreach_lerp, "parity": _foreach_lerp}),
         Provider("loop mul_+add_ (mmcv)", {"update": _mul_add_loop}),
         Provider("loop lerp_ (mmengine)", {"update": _lerp_loop}),
         Provider("foreach mul_+add_ (NeMo)", {"update": _foreach_mul_add}),
