@@ -222,3 +222,24 @@ def test_cosine_schedule_compiles_one_kernel_per_dtype_pair():
         opt.step()
     assert sum(len(cache[0]) for cache in _ema_update_kernel.device_caches.values()) == count
 
+
+
+@pytest.mark.parametrize("param_dtype, shadow_dtype, skip, groups", [
+    (torch.float32, None, False, 1),  # nothing to convert: one foreach call, as a bare _foreach_lerp_
+    (torch.bfloat16, None, False, 4),  # float32 shadows: converted a group at a time
+    (torch.float32, None, True, 4),  # a skippable update keeps a copy of each group
+])
+def test_torch_backend_cuts_groups_only_where_temporaries_need_them(monkeypatch, param_dtype, shadow_dtype, skip, groups):
+    from triton_ema import backends
+
+    monkeypatch.setitem(backends.GROUP_NUMEL, DEVICE.type, 1000)
+    monkeypatch.setattr(backends, "DEFAULT_GROUP_NUMEL", 1000)
+    params = [torch.randn(n, device=DEVICE).to(param_dtype) for n in (700, 900, 1500)]  # groups: 700, 900, 1000 + 500
+    (bucket,), _ = build_buckets(params, ["a", "b", "c"], shadow_dtype, None)
+    TorchBackend().params_to_shadow(bucket)
+    expected = [v.double() + 0.5 * (p.double() - v.double()) for v, p in zip(bucket.views, params)]
+    TorchBackend()._update(bucket, 0.5, torch.zeros((), dtype=torch.int32, device=DEVICE) if skip else None)
+    (cut,) = [v for k, v in bucket.cache.items() if k[0] == "torch-groups"]
+    assert len(cut) == groups
+    for view, e in zip(bucket.views, expected):
+        assert_ulps(view, e)
