@@ -5,7 +5,7 @@ import torch
 from conftest import BACKENDS, DEVICE
 from models import make_model
 
-from triton_ema import EMAOptimizer
+from triton_ema import EMAOptimizer, attach
 from triton_ema.schedules import Cosine, Power, Warmup
 
 
@@ -56,6 +56,14 @@ def shape_changed():
     opt.step()
 
 
+def attached_twice(make):
+    def run():
+        base = torch.optim.SGD(make_model().parameters(), lr=0.1)
+        attach(base, 0.1)
+        make(base, 0.2)
+    return run
+
+
 def nested_swap():
     opt = wrapper()
     with opt.swap_ema(), opt.swap_ema():
@@ -96,6 +104,8 @@ ERRORS = [
     ("bad device", construct(device="nowhere"), ValueError, "device must name a torch device, got 'nowhere'"),
     ("not an optimizer", construct(optimizer=[1, 2]), TypeError, "must be a torch.optim.Optimizer, got list"),
     ("wrapped twice", lambda: EMAOptimizer(wrapper(), momentum=0.1), TypeError, "already an EMAOptimizer"),
+    ("attached twice", attached_twice(attach), ValueError, "SGD already has an EMA attached"),
+    ("wrapping an attached optimizer", attached_twice(EMAOptimizer), ValueError, "SGD already has an EMA attached"),
     # schedules
     ("schedule above 1", stepped(lambda t: 2.0), ValueError, "gave 2.0 at step 0"),
     ("schedule NaN", stepped(lambda t: float("nan")), ValueError, "gave nan at step 0"),

@@ -2,8 +2,8 @@
 PyTorch optimizer's ``step()`` and computed over flat buckets by Triton kernels."""
 
 from . import schedules
-from .optimizer import EMAOptimizer
+from .optimizer import EMAOptimizer, attach
 
 __version__ = "0.1.0"
 
-__all__ = ["EMAOptimizer", "schedules", "__version__"]
+__all__ = ["EMAOptimizer", "attach", "schedules", "__version__"]

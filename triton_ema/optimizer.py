@@ -12,14 +12,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from . import sharding
 from .backends import BACKENDS
 from .buckets import ShadowStore
+from .hooks import AttachHooks, attached_ema
 from .schedules import Constant, Schedule, as_schedule, momentum_at
 from .swap import SwapContext
 
-__all__ = ["EMAOptimizer"]
+__all__ = ["EMAOptimizer", "attach"]
 
 SHADOW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -51,6 +53,8 @@ class EMAOptimizer(torch.optim.Optimizer):
             raise TypeError("optimizer is already an EMAOptimizer; wrap the base optimizer once")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if attached_ema(optimizer) is not None:
+            raise ValueError(f"{type(optimizer).__name__} already has an EMA attached; use that one, or detach() it first")
         schedule = as_schedule(momentum, decay)
         _warn_if_decay_like(schedule, decay is not None)
         if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
@@ -84,6 +88,8 @@ class EMAOptimizer(torch.optim.Optimizer):
         tensors, names = self._tracked()
         self._store = ShadowStore(tensors, names, shadow_dtype=shadow_dtype, device=device, backend=backend)
         self._step = 0
+        self._hooks: list[RemovableHandle] = []  # attach(): handles of the hooks on the wrapped optimizer
+        self._match_names = True  # attached: load_state_dict's match_names, for the load hooks
 
     # The wrapped optimizer's containers, shared (not copied): whatever
     # replaces them there (load_state_dict does) is seen here too.
@@ -92,6 +98,19 @@ class EMAOptimizer(torch.optim.Optimizer):
     state = property(lambda self: self.optimizer.state, lambda self, value: setattr(self.optimizer, "state", value))
     defaults = property(lambda self: self.optimizer.defaults,
                         lambda self, value: setattr(self.optimizer, "defaults", value))
+
+    @property
+    def attached(self) -> bool:
+        """Whether this EMA runs from the wrapped optimizer's own hooks (made by :func:`attach`)."""
+        return bool(self._hooks)
+
+    def detach(self) -> None:
+        """Remove the hooks :func:`attach` put on the optimizer: it steps and saves
+        without the EMA from then on. The EMA is kept, and this object goes on as a
+        wrapper (its own ``step()`` updates it)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     @property
     def num_steps(self) -> int:
@@ -112,7 +131,9 @@ class EMAOptimizer(torch.optim.Optimizer):
         """For ``copy.deepcopy`` and pickle: everything, the wrapped optimizer and
         the EMA included; hooks are dropped, as ``torch.optim.Optimizer`` drops them."""
         self._refuse_while_swapped("copying or pickling the optimizer")
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        state["_hooks"] = []  # the copied optimizer has no hooks: a copy of an attached EMA is a wrapper
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -188,17 +209,26 @@ class EMAOptimizer(torch.optim.Optimizer):
     # --- optimizer interface ----------------------------------------------
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self.attached:  # the wrapped optimizer's own hooks update the EMA, once
+            return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        momentum = self._before_step()
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._after_step(momentum)
+        return loss
+
+    def _before_step(self) -> float | None:
+        """Everything that can fail, before the base step touches a weight: the momentum of this step, if it updates."""
         if self._store.swapped:
             raise RuntimeError("step() inside swap_ema(): the model holds the EMA weights; leave the with-block first")
         t = self._step
-        # Everything that can fail runs before the base step touches a weight.
         self._adopt_new_params()
-        momentum = momentum_at(self.schedule, t) if t % self.interval == 0 else None
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        return momentum_at(self.schedule, t) if t % self.interval == 0 else None
+
+    def _after_step(self, momentum: float | None) -> None:
+        """After a completed base step: the update, and the step count."""
         if momentum is not None:
             _update_untraced(self, momentum)
-        self._step = t + 1
-        return loss
+        self._step += 1
 
     @torch.no_grad()
     def _update_ema(self, momentum: float) -> None:
@@ -293,7 +323,8 @@ class EMAOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self.optimizer.state_dict()
-        sd["ema"] = self._ema_state()
+        if not self.attached:  # attached, the wrapped optimizer's own hook adds it
+            sd["ema"] = self._ema_state()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             sd = post_hook(self, sd) or sd
         return sd
@@ -339,18 +370,33 @@ class EMAOptimizer(torch.optim.Optimizer):
             post_hook(self)
 
     def _load(self, state_dict: dict[str, Any], match_names: bool) -> None:
-        base = {k: v for k, v in state_dict.items() if k != "ema"}
-        if "ema" not in state_dict:
-            warnings.warn("state_dict has no 'ema' entry (saved from a bare optimizer?): the optimizer state is "
-                          f"loaded and the EMA restarts from the current weights at step {self._step}", stacklevel=3)
-            self.optimizer.load_state_dict(base)
-            with torch.no_grad():
-                self._sync()
-                self._store.reset()
+        if self.attached:  # the wrapped optimizer's own hooks check and load "ema"
+            self._match_names = match_names
+            try:
+                self.optimizer.load_state_dict(state_dict)
+            finally:
+                self._match_names = True
             return
-        checked = self._check_ema(state_dict["ema"], match_names)
-        self.optimizer.load_state_dict(base)
-        self._load_ema(*checked)
+        checked = self._check_load(state_dict, match_names)
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "ema"})
+        self._apply_load(checked)
+
+    def _check_load(self, state_dict: dict[str, Any], match_names: bool) -> tuple[int, int, list[Tensor]] | None:
+        """The checked ``"ema"`` entry of an optimizer state dict, or None (with a warning) when it has none."""
+        if "ema" in state_dict:
+            return self._check_ema(state_dict["ema"], match_names)
+        warnings.warn("state_dict has no 'ema' entry (saved from a bare optimizer?): the optimizer state is "
+                      f"loaded and the EMA restarts from the current weights at step {self._step}", stacklevel=4)
+        return None
+
+    def _apply_load(self, checked: tuple[int, int, list[Tensor]] | None) -> None:
+        """After the base optimizer loaded: the EMA of :meth:`_check_load`, or a restart from the current weights."""
+        if checked is not None:
+            self._load_ema(*checked)
+            return
+        with torch.no_grad():
+            self._sync()
+            self._store.reset()
 
     def _load_ema(self, step: int, skipped: int, values: list[Tensor]) -> None:
         with torch.no_grad():
@@ -420,6 +466,22 @@ class EMAOptimizer(torch.optim.Optimizer):
                                  "match_names=False")
         if len(saved) != len(ours):
             raise ValueError(f"the checkpoint has shadows for {len(saved)} parameters, this optimizer has {len(ours)}")
+
+
+def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | None = None, **kwargs: Any) -> EMAOptimizer:
+    """Keep the EMA of an optimizer that something else built and holds, without replacing it.
+
+    Takes the arguments of :class:`EMAOptimizer`. Hooks on ``optimizer`` run
+    the EMA update inside its own ``step()`` (a step that ``GradScaler`` skips
+    updates nothing) and put ``"ema"`` in its own ``state_dict()``, checked
+    before and loaded after its ``load_state_dict()``: whoever checkpoints the
+    optimizer checkpoints the EMA. Returns the EMA, an :class:`EMAOptimizer`:
+    ``swap_ema()``, ``ema_state_dict()``, ``num_steps`` work as on a wrapper;
+    its ``step()``, ``state_dict()`` and ``load_state_dict()`` are the
+    optimizer's (one update per step, however it is called)."""
+    ema = EMAOptimizer(optimizer, momentum, **kwargs)
+    ema._hooks = AttachHooks(ema).register(optimizer)
+    return ema
 
 
 class _EMACheckpoint:

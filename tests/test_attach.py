@@ -1,0 +1,191 @@
+"""attach(): the EMA of an optimizer that something else built and holds, run by that optimizer's own hooks."""
+
+import io
+
+import pytest
+import torch
+from conftest import DEVICE, assert_ulps
+from models import batches, make_model, train_step
+
+from triton_ema import EMAOptimizer, attach
+from triton_ema.schedules import Cosine
+
+SCHEDULE = Cosine(0.3, 0.05, total_steps=8, warm_up=3)
+
+
+def build(seed=0, attached=True, backend="torch", **kw):
+    model = make_model(seed=seed, device=DEVICE)
+    base = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1, eps=1e-3)
+    make = attach if attached else EMAOptimizer
+    ema = make(base, SCHEDULE, interval=2, model=model, update_buffers=True, backend=backend, **kw)
+    return model, base, ema
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def ema_values(ema):
+    saved = ema.ema_checkpoint.state_dict()
+    return [v.clone() for v in saved["shadow"].values()] + [v.clone() for v in saved["buffers"].values()]
+
+
+def bitwise_equal(xs, ys):
+    return len(xs) == len(ys) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+def test_attached_equals_the_wrapper_and_a_float64_reference(backend):
+    data = batches(7, device=DEVICE)
+    model, base, ema = build(backend=backend)
+    wrapped_model, _, wrapper = build(attached=False, backend=backend)
+    reference = [p.detach().double().clone() for p in model.parameters()]
+    for t, batch in enumerate(data):
+        train_step(model, base, batch)  # the base optimizer steps; nobody calls the EMA
+        train_step(wrapped_model, wrapper, batch)
+        if t % 2 == 0:
+            m = SCHEDULE(t)
+            reference = [s + m * (p.detach().double() - s) for s, p in zip(reference, model.parameters())]
+    assert ema.num_steps == wrapper.num_steps == len(data)
+    assert bitwise_equal(ema_values(ema), ema_values(wrapper))
+    for s, r in zip(ema.state_dict()["ema"]["shadow"].values(), reference):
+        assert_ulps(s, r, scale=r.abs().max().expand_as(r), ulps=8)  # the lerps mix values of that size
+
+
+def test_each_way_to_step_updates_once():
+    model, base, ema = build()
+    x, y = batches(1, device=DEVICE)[0]
+    for step in (base.step, ema.step, lambda: base.step(lambda: None), lambda: ema.step(lambda: None)):
+        (model(x) - y).square().mean().backward()
+        step()
+    assert ema.num_steps == 4
+    assert base.state_dict()["ema"]["step"] == ema.state_dict()["ema"]["step"] == 4
+
+
+def test_closure_loss_is_returned_through_the_hooks():
+    model, base, ema = build()
+    x, y = batches(1, device=DEVICE)[0]
+
+    def closure():
+        base.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        return loss
+    assert torch.is_tensor(base.step(closure)) and torch.is_tensor(ema.step(closure))
+    assert ema.num_steps == 2
+
+
+def test_grad_scaler_skipped_step_updates_nothing():
+    model, base, ema = build()
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10)
+    x, y = batches(1, device=DEVICE)[0]
+    scaler.scale((model(x) - y).square().mean()).backward()
+    before = ema_values(ema)
+    next(model.parameters()).grad.fill_(float("inf"))  # an overflow: GradScaler skips the step
+    scaler.step(base)
+    scaler.update()
+    assert ema.num_steps == 0 and bitwise_equal(ema_values(ema), before)
+    base.zero_grad()
+    scaler.scale((model(x) - y).square().mean()).backward()
+    scaler.step(base)
+    assert ema.num_steps == 1 and not bitwise_equal(ema_values(ema), before)
+
+
+@pytest.mark.parametrize("stop", [1, 4])
+def test_resume_through_the_optimizers_own_state_dict_is_bitwise(stop):
+    data = batches(7, device=DEVICE)
+    model, base, ema = build()
+    for batch in data:
+        train_step(model, base, batch)
+
+    first, base1, _ = build()
+    for batch in data[:stop]:
+        train_step(first, base1, batch)
+    ckpt = roundtrip({"model": first.state_dict(), "optimizer": base1.state_dict()})  # no EMA object in sight
+    assert ckpt["optimizer"]["ema"]["step"] == stop
+
+    resumed, base2, ema2 = build(seed=7)
+    resumed.load_state_dict(ckpt["model"])
+    base2.load_state_dict(ckpt["optimizer"])
+    assert ema2.num_steps == stop
+    for batch in data[stop:]:
+        train_step(resumed, base2, batch)
+    assert bitwise_equal(list(resumed.state_dict().values()), list(model.state_dict().values()))
+    assert bitwise_equal(ema_values(ema2), ema_values(ema))
+
+
+def test_bad_load_is_refused_before_the_optimizer_changes():
+    model, base, ema = build()
+    for batch in batches(2, device=DEVICE):
+        train_step(model, base, batch)
+    sd = roundtrip(base.state_dict())
+    train_step(model, base, batches(1, seed=5, device=DEVICE)[0])
+    before = (ema_values(ema), ema.num_steps, roundtrip(base.state_dict()))
+    sd["ema"]["shadow"][1] = torch.zeros(2)
+    with pytest.raises(ValueError, match="saved shadow of conv.weight has shape"):
+        base.load_state_dict(sd)
+    assert bitwise_equal(ema_values(ema), before[0]) and ema.num_steps == before[1]
+    after = base.state_dict()
+    assert all(torch.equal(after["state"][i]["exp_avg"], before[2]["state"][i]["exp_avg"]) for i in after["state"])
+
+
+def test_bare_optimizer_dict_loads_with_a_warning_and_restarts_the_ema():
+    model, base, ema = build()
+    for batch in batches(2, device=DEVICE):
+        train_step(model, base, batch)
+    bare = torch.optim.AdamW(make_model(device=DEVICE).parameters(), lr=0.05)
+    with pytest.warns(UserWarning, match="no 'ema' entry"):
+        base.load_state_dict(roundtrip(bare.state_dict()))
+    current = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    assert bitwise_equal(ema_values(ema), [v.detach() for v in current])
+
+
+def test_step_and_load_inside_swap_are_refused_and_change_nothing():
+    model, base, ema = build()
+    sd = roundtrip(base.state_dict())
+    with ema.swap_ema():
+        before = [p.clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match="inside swap_ema"):
+            base.step()
+        with pytest.raises(RuntimeError, match="inside swap_ema"):
+            base.load_state_dict(sd)
+        assert bitwise_equal([p.clone() for p in model.parameters()], before)
+    assert ema.num_steps == 0
+
+
+def test_detach_removes_the_hooks_and_keeps_the_ema():
+    model, base, ema = build()
+    data = batches(3, device=DEVICE)
+    train_step(model, base, data[0])
+    kept = ema_values(ema)
+    ema.detach()
+    assert not ema.attached and "ema" not in base.state_dict()
+    train_step(model, base, data[1])
+    assert ema.num_steps == 1 and bitwise_equal(ema_values(ema), kept)
+    train_step(model, ema, data[2])  # a wrapper now: its own step updates
+    assert ema.num_steps == 2 and "ema" in ema.state_dict()
+    attach(base, 0.5)  # the optimizer is free again
+
+
+def test_one_ema_per_optimizer():
+    _, base, ema = build()
+    with pytest.raises(ValueError, match="AdamW already has an EMA attached"):
+        attach(base, 0.1)
+    with pytest.raises(ValueError, match="AdamW already has an EMA attached"):
+        EMAOptimizer(base, 0.1)
+    assert ema.attached
+
+
+def test_a_copy_of_an_attached_ema_is_a_wrapper_of_the_copied_optimizer():
+    import copy
+
+    model, base, ema = build()
+    data = batches(2, device=DEVICE)
+    train_step(model, base, data[0])
+    twin = copy.deepcopy(ema)
+    assert ema.attached and not twin.attached and "ema" not in twin.optimizer.state_dict()
+    assert bitwise_equal(ema_values(twin), ema_values(ema))
+    train_step(twin.model, twin, data[1])  # its own step updates it; the original is not touched
+    assert twin.num_steps == 2 and ema.num_steps == 1

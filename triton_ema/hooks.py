@@ -1,0 +1,65 @@
+"""The hooks by which an EMA is attached to an optimizer it does not wrap.
+
+Frameworks build the optimizer and hold it (Lightning, the transformers
+Trainer, accelerate, mmengine). Attached, the EMA runs inside that
+optimizer's own ``step()`` and travels in its own ``state_dict()``, through
+torch's optimizer hooks: the same code as :class:`EMAOptimizer`'s
+``step()`` and ``load_state_dict()``, called from the other side.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from .optimizer import EMAOptimizer
+
+
+class AttachHooks:
+    """Step pre/post, state-dict post and load pre/post hooks of one attached EMA."""
+
+    def __init__(self, ema: EMAOptimizer) -> None:
+        self.ema = ema
+        self._momentum: float | None = None
+        self._loading: Any = None
+
+    def register(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
+        return [optimizer.register_step_pre_hook(self.before_step),
+                optimizer.register_step_post_hook(self.after_step),
+                optimizer.register_state_dict_post_hook(self.add_state),
+                optimizer.register_load_state_dict_pre_hook(self.check_load),
+                optimizer.register_load_state_dict_post_hook(self.load)]
+
+    def before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Raising here stops the base step before it changes a weight.
+        self._momentum = self.ema._before_step()
+
+    def after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Runs only after a completed step: a step that GradScaler skips never calls step().
+        self.ema._after_step(self._momentum)
+
+    def add_state(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict["ema"] = self.ema._ema_state()
+        return state_dict
+
+    def check_load(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # Before the base optimizer loads: everything is checked while nothing has changed yet.
+        self.ema._refuse_while_swapped("load_state_dict()")
+        self._loading = self.ema._check_load(state_dict, self.ema._match_names)
+        return {k: v for k, v in state_dict.items() if k != "ema"}
+
+    def load(self, optimizer: torch.optim.Optimizer) -> None:
+        loading, self._loading = self._loading, None
+        self.ema._apply_load(loading)
+
+
+def attached_ema(optimizer: torch.optim.Optimizer) -> EMAOptimizer | None:
+    """The EMA attached to ``optimizer``, if one is."""
+    for hook in optimizer._optimizer_step_post_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, AttachHooks):
+            return owner.ema
+    return None
