@@ -64,6 +64,12 @@ def attached_twice(make):
     return run
 
 
+def lightning_callback(**kw):
+    from triton_ema.integrations.lightning import EMACallback
+
+    return EMACallback(0.1, **kw)
+
+
 def nested_swap():
     opt = wrapper()
     with opt.swap_ema(), opt.swap_ema():
@@ -134,6 +140,11 @@ ERRORS = [
      "the checkpoint has shadows for 6 parameters, this optimizer has 7"),
     ("negative step", loading(lambda sd: sd["ema"].__setitem__("step", -3)), ValueError,
      "\\['step'\\] must be a non-negative integer, got -3"),
+    # framework integrations
+    ("lightning callback given model=", lambda: lightning_callback(model=make_model()), TypeError,
+     "EMACallback takes no model="),
+    ("lightning test on EMA without a fit", lambda: lightning_callback().on_test_epoch_start(None, None), RuntimeError,
+     "there is no EMA to test on; fit with this callback"),
     # misuse
     ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
     ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),

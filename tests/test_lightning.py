@@ -1,0 +1,108 @@
+"""Lightning: EMACallback with the real Trainer on CPU: the EMA against a float64
+reference, validation and testing on EMA weights, ckpt_path= resume, DDP on 2 processes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_ulps
+
+pytestmark = pytest.mark.integration
+pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed (pip install -e '.[test]')")
+
+import lightning_cases as cases  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+from triton_ema.integrations.lightning import EMACallback  # noqa: E402
+
+EPOCHS = 4
+
+
+def assert_close_to(reference, tensors):
+    for t, r in zip(tensors, reference):
+        assert_ulps(t, r, scale=r.abs().max().expand_as(r), ulps=16)
+
+
+def loss_with(weights, batches):
+    module = cases.Regressor()
+    with torch.no_grad():
+        for p, w in zip(module.parameters(), weights):
+            p.copy_(w)
+        return torch.stack([module.loss(b) for b in batches]).mean().item()
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One 4-epoch fit that validates every epoch and checkpoints every epoch."""
+    ckpts = tmp_path_factory.mktemp("ckpts")
+    ema, reference = EMACallback(cases.MOMENTUM), cases.Reference()
+    saver = ModelCheckpoint(dirpath=ckpts, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer = cases.trainer([ema, reference, saver], EPOCHS, enable_checkpointing=True)
+    model = cases.Regressor()
+    val = cases.loader(16, seed=1)
+    trainer.fit(model, cases.loader(), val)
+    final = {"model": clones(model.state_dict()), "ema": clones(ema.ema.ema_state_dict())}
+    return dict(trainer=trainer, model=model, ema=ema, reference=reference, val=val, ckpts=ckpts, final=final)
+
+
+def clones(state):
+    return {k: v.clone() for k, v in state.items()}
+
+
+def bitwise_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_keeps_the_ema_of_every_step(fitted):
+    ema = fitted["ema"].ema
+    assert ema.attached and ema.num_steps == EPOCHS * 4 == fitted["trainer"].global_step
+    assert_close_to(fitted["reference"].ema, ema.ema_state_dict().values())
+
+
+def test_validation_runs_on_ema_weights_and_training_weights_come_back(fitted):
+    reference = fitted["reference"]
+    assert len(reference.at_validation) == EPOCHS
+    for (held, ema64), (after, training) in zip(reference.at_validation, reference.after_validation):
+        assert_close_to(ema64, held)  # the model held the EMA during validation
+        assert all(torch.equal(a, t) for a, t in zip(after, training))  # and the training weights, bitwise, after
+    logged = fitted["trainer"].callback_metrics["val_loss"].item()
+    assert logged == pytest.approx(loss_with(reference.ema, list(fitted["val"])), rel=1e-5)
+    assert logged != pytest.approx(loss_with(reference.training, list(fitted["val"])), rel=1e-3)
+
+
+def test_test_runs_on_ema_weights_also_of_a_loaded_checkpoint(fitted):
+    trainer, reference, val = fitted["trainer"], fitted["reference"], list(fitted["val"])
+    (result,) = trainer.test(fitted["model"], fitted["val"], verbose=False)
+    assert result["test_loss"] == pytest.approx(loss_with(reference.ema, val), rel=1e-5)
+    # The EMA of epoch 2's checkpoint, as validation at the end of epoch 2 saw it.
+    (result,) = trainer.test(fitted["model"], fitted["val"], ckpt_path=str(fitted["ckpts"] / "epoch=1.ckpt"),
+                             verbose=False)
+    assert result["test_loss"] == pytest.approx(loss_with(reference.at_validation[1][1], val), rel=1e-5)
+
+
+def test_ckpt_path_resume_ends_bitwise_where_the_uninterrupted_run_ends(fitted):
+    ckpt = torch.load(fitted["ckpts"] / "epoch=1.ckpt", weights_only=True)
+    assert ckpt["optimizer_states"][0]["ema"]["step"] == 8  # Lightning's own checkpoint carries the EMA
+    ema = EMACallback(cases.MOMENTUM)
+    model = cases.Regressor(seed=5)  # other initial weights: everything must come from the checkpoint
+    cases.trainer([ema], EPOCHS).fit(model, cases.loader(), cases.loader(16, seed=1),
+                                     ckpt_path=str(fitted["ckpts"] / "epoch=1.ckpt"))
+    assert ema.ema.num_steps == EPOCHS * 4
+    assert bitwise_equal(model.state_dict(), fitted["final"]["model"])
+    assert bitwise_equal(ema.ema.ema_state_dict(), fitted["final"]["ema"])
+
+
+def test_ddp_on_two_cpu_processes_keeps_identical_emas(tmp_path):
+    script = Path(__file__).with_name("lightning_ddp.py")
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    for key in ("ema", "model"):
+        assert all(torch.equal(ranks[0][key][k], ranks[1][key][k]) for k in ranks[0][key])
+    for rank in ranks:
+        assert rank["steps"] == 2 * 2  # 32 rows over 2 ranks, batches of 8, two epochs
+        assert_close_to(rank["reference"], rank["ema"].values())
+        assert all(torch.equal(rank["model"][k], v) for k, v in rank["ema"].items())  # ema_at_end=True

@@ -1,0 +1,100 @@
+"""Lightning: a ``Callback`` that keeps the EMA of the module's optimizer.
+
+    from triton_ema.integrations.lightning import EMACallback
+    trainer = Trainer(callbacks=[EMACallback(momentum=1e-3)])
+
+The EMA is attached to the optimizer Lightning builds (``triton_ema.attach``):
+it updates inside that optimizer's ``step()`` and rides in its
+``state_dict()``, so Lightning's checkpoints carry it and ``ckpt_path=``
+resumes it bitwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
+
+from ..optimizer import EMAOptimizer, attach
+from ..schedules import Schedule
+
+__all__ = ["EMACallback"]
+
+
+class EMACallback(pl.Callback):
+    """Keeps an EMA of the weights that ``trainer.optimizers[optimizer_index]`` trains.
+
+    Takes :class:`~triton_ema.EMAOptimizer`'s arguments (``momentum``, ``decay``,
+    ``interval``, ``update_buffers``, ``shadow_dtype``, ``device``, ``backend``,
+    ``skip_nonfinite``); ``model=`` is the LightningModule. Validation (and the
+    sanity check) and testing run on the EMA weights unless ``validate_on_ema`` /
+    ``test_on_ema`` is False; with ``ema_at_end=True`` the model holds the EMA
+    weights when ``fit`` returns. ``callback.ema`` is the EMA (an attached
+    :class:`~triton_ema.EMAOptimizer`) once ``fit`` has started.
+    """
+
+    def __init__(self, momentum: float | Schedule | None = None, *, validate_on_ema: bool = True,
+                 test_on_ema: bool = True, ema_at_end: bool = False, optimizer_index: int = 0, **ema_kwargs: Any) -> None:
+        if "model" in ema_kwargs:
+            raise TypeError("EMACallback takes no model=: the EMA is of the LightningModule being fitted")
+        self.momentum = momentum
+        self.ema_kwargs = ema_kwargs
+        self.validate_on_ema = validate_on_ema
+        self.test_on_ema = test_on_ema
+        self.ema_at_end = ema_at_end
+        self.optimizer_index = optimizer_index
+        self.ema: EMAOptimizer | None = None
+        self._swapped = contextlib.ExitStack()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning has built the optimizer (and wrapped the model) and restores its state after this hook.
+        optimizers = trainer.optimizers
+        if not 0 <= self.optimizer_index < len(optimizers):
+            raise ValueError(f"EMACallback(optimizer_index={self.optimizer_index}) but configure_optimizers "
+                             f"returned {len(optimizers)} optimizer(s)")
+        if self.ema is not None:
+            self.ema.detach()  # an earlier fit's optimizer
+        self.ema = attach(optimizers[self.optimizer_index], self.momentum, model=pl_module, **self.ema_kwargs)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.ema_at_end:
+            pl_module.load_state_dict(self.ema.ema_state_dict())
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.validate_on_ema:
+            self._swap_in("validate")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swapped.close()
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.test_on_ema:
+            self._swap_in("test")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swapped.close()
+
+    def _swap_in(self, what: str) -> None:
+        if self.ema is None:
+            raise RuntimeError(f"EMACallback({what}_on_ema=True): there is no EMA to {what} on; fit with this "
+                               f"callback in this process first ({what}(ckpt_path=...) then loads that checkpoint's "
+                               f"EMA), or pass {what}_on_ema=False")
+        self._swapped.enter_context(self.ema.swap_ema())
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._swapped.close()  # the training weights go back into the model
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Fitting, the optimizer's own load_state_dict restores the EMA. Testing or validating a
+        # checkpoint after a fit, its EMA replaces the fit's, as its weights replace the model's.
+        wanted = {TrainerFn.VALIDATING: self.validate_on_ema, TrainerFn.TESTING: self.test_on_ema}
+        if not wanted.get(trainer.state.fn) or self.ema is None:
+            return
+        states = checkpoint.get("optimizer_states") or [{}]
+        saved = states[self.optimizer_index].get("ema") if self.optimizer_index < len(states) else None
+        if saved is None:
+            raise RuntimeError("EMACallback: the checkpoint holds no EMA (saved without this callback, or with "
+                               "weights only); pass validate_on_ema=False / test_on_ema=False to use its weights")
+        self.ema.ema_checkpoint.load_state_dict(saved)
