@@ -70,6 +70,17 @@ def lightning_callback(**kw):
     return EMACallback(0.1, **kw)
 
 
+def hf_trainer(**kw):
+    import tempfile
+
+    import transformers
+
+    from triton_ema.integrations.transformers import EMATrainer
+
+    args = transformers.TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none")
+    return EMATrainer(model=make_model(), args=args, ema_momentum=0.1, **kw)
+
+
 def nested_swap():
     opt = wrapper()
     with opt.swap_ema(), opt.swap_ema():
@@ -145,6 +156,10 @@ ERRORS = [
      "EMACallback takes no model="),
     ("lightning test on EMA without a fit", lambda: lightning_callback().on_test_epoch_start(None, None), RuntimeError,
      "there is no EMA to test on; fit with this callback"),
+    ("transformers trainer given model=", lambda: hf_trainer(ema_kwargs={"model": make_model()}), TypeError,
+     "EMATrainer takes no model= in ema_kwargs"),
+    ("transformers evaluate before train", lambda: hf_trainer().evaluate(), RuntimeError,
+     r"there is no EMA to evaluate on before train\(\)"),
     # misuse
     ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
     ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),

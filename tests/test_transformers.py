@@ -1,0 +1,115 @@
+"""Hugging Face: EMATrainer with the real transformers Trainer on CPU, and a bare accelerate
+loop under `accelerate launch` with 2 CPU processes (gloo)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_ulps
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.integration
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
+pytest.importorskip("accelerate", reason="accelerate is not installed (pip install -e '.[test]')")
+
+import hf_cases as cases  # noqa: E402
+
+from triton_ema.integrations.transformers import EMATrainer  # noqa: E402
+
+EPOCHS, STEPS_PER_EPOCH = 3, 4
+
+
+class Reference(transformers.TrainerCallback):
+    def __init__(self):
+        self.ema = None
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.ema = self.ema or cases.Float64EMA(model.parameters())
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.ema.update(model.parameters())
+
+
+def make_trainer(out, seed=0, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=16, num_train_epochs=EPOCHS,
+        learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", eval_strategy="epoch", save_strategy="epoch",
+        logging_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    return EMATrainer(model=cases.Regressor(seed), args=args, train_dataset=cases.dataset(16, 0),
+                      eval_dataset=cases.dataset(16, 1), ema_momentum=cases.MOMENTUM, **kw)
+
+
+def assert_close_to(reference, tensors):
+    for t, r in zip(tensors, reference):
+        assert_ulps(t, r, scale=r.abs().max().expand_as(r), ulps=16)
+
+
+def clones(state):
+    return {k: v.clone() for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    reference = Reference()
+    trainer = make_trainer(out, callbacks=[reference], save_ema_model=True)
+    trainer.train()
+    final = {"model": clones(trainer.model.state_dict()), "ema": clones(trainer.ema.ema_state_dict())}
+    return dict(trainer=trainer, reference=reference, out=out, final=final)
+
+
+def test_train_keeps_the_ema_and_evaluates_on_it(trained):
+    trainer, reference = trained["trainer"], trained["reference"]
+    assert trainer.ema.attached and trainer.ema.num_steps == EPOCHS * STEPS_PER_EPOCH == trainer.state.global_step
+    assert_close_to(reference.ema.ema, trainer.ema.ema_state_dict().values())
+    metrics = trainer.evaluate()
+    rows = cases.dataset(16, 1)
+    assert metrics["eval_loss"] == pytest.approx(cases.loss_with(reference.ema.ema, rows), rel=1e-5)
+    assert metrics["eval_loss"] != pytest.approx(cases.loss_with(list(trainer.model.parameters()), rows), rel=1e-3)
+    assert all(torch.equal(v, trained["final"]["model"][k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_save_model_writes_the_ema_weights_and_checkpoints_the_training_weights(trained):
+    trainer, out = trained["trainer"], trained["out"]
+    trainer.save_model(str(out / "export"))
+    saved = load_file(out / "export" / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in trained["final"]["ema"].items())
+    last = load_file(out / f"checkpoint-{EPOCHS * STEPS_PER_EPOCH}" / "model.safetensors")
+    assert all(torch.equal(last[k], v) for k, v in trained["final"]["model"].items())
+
+
+def test_resume_from_checkpoint_ends_bitwise_where_the_uninterrupted_run_ends(trained, tmp_path):
+    ckpt = tmp_path / f"checkpoint-{2 * STEPS_PER_EPOCH}"
+    shutil.copytree(trained["out"] / ckpt.name, ckpt)
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert saved["ema"]["step"] == 2 * STEPS_PER_EPOCH  # the Trainer's own optimizer.pt carries the EMA
+    trainer = make_trainer(tmp_path, seed=5)
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    assert trainer.ema.num_steps == EPOCHS * STEPS_PER_EPOCH
+    for key, state in (("model", trainer.model.state_dict()), ("ema", trainer.ema.ema_state_dict())):
+        assert all(torch.equal(v, trained["final"][key][k]) for k, v in state.items()), key
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_accelerate_launch_two_cpu_processes(tmp_path, mixed_precision):
+    script = Path(__file__).with_name("accelerate_loop.py")
+    # accelerate's --cpu launcher needs mpirun for more than one process; its torchrun launcher
+    # with ACCELERATE_USE_CPU starts CPU ranks on gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script), str(tmp_path)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key in ("ema", "resumed_ema", "model"):
+        assert all(torch.equal(ranks[0][key][k], ranks[1][key][k]) for k in ranks[0][key]), key
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["distributed"] == "MULTI_CPU" and rank["steps"] == 8
+        assert_close_to(rank["reference"], rank["ema"].values())
+        # save_state / load_state mid-run, then the same steps: bitwise where the uninterrupted run ended.
+        assert all(torch.equal(rank["resumed_ema"][k], v) for k, v in rank["ema"].items())
+        assert all(torch.equal(rank["resumed_model"][k], v) for k, v in rank["model"].items())

@@ -1,0 +1,78 @@
+"""Hugging Face transformers: a ``Trainer`` that keeps the EMA of the optimizer it builds.
+
+    from triton_ema.integrations.transformers import EMATrainer
+    trainer = EMATrainer(model=model, args=args, train_dataset=ds, eval_dataset=ev, ema_momentum=1e-3)
+
+``EMATrainerMixin`` adds the same to another ``Trainer`` subclass. The EMA is
+attached (``triton_ema.attach``) in ``create_optimizer``, before the Trainer
+wraps the optimizer in accelerate's and loads a checkpoint into it: the
+update runs inside the optimizer's ``step()`` and the EMA rides in
+``optimizer.pt``, so ``resume_from_checkpoint`` continues it bitwise.
+A bare accelerate loop needs nothing from here: ``attach`` the optimizer
+before ``accelerator.prepare``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+
+from ..hooks import attached_ema
+from ..optimizer import EMAOptimizer, attach
+from ..schedules import Schedule
+
+__all__ = ["EMATrainer", "EMATrainerMixin"]
+
+
+class EMATrainerMixin:
+    """Keeps an EMA of the weights the Trainer's optimizer trains.
+
+    ``ema_momentum`` and ``ema_kwargs`` are :class:`~triton_ema.EMAOptimizer`'s
+    ``momentum`` and other arguments (``model=`` is the Trainer's model).
+    ``evaluate()`` runs on the EMA weights unless ``evaluate_on_ema=False``;
+    with ``save_ema_model=True``, ``save_model()`` called by the user writes the
+    EMA weights (the checkpoints the Trainer writes to resume from keep the
+    training weights). ``trainer.ema`` is the EMA once the optimizer exists.
+    """
+
+    def __init__(self, *args: Any, ema_momentum: float | Schedule | None = None, ema_kwargs: dict | None = None,
+                 evaluate_on_ema: bool = True, save_ema_model: bool = False, **kwargs: Any) -> None:
+        ema_kwargs = dict(ema_kwargs or {})
+        if "model" in ema_kwargs:
+            raise TypeError("EMATrainer takes no model= in ema_kwargs: the EMA is of the Trainer's model")
+        self.ema_momentum, self.ema_kwargs = ema_momentum, ema_kwargs
+        self.evaluate_on_ema, self.save_ema_model = evaluate_on_ema, save_ema_model
+        self.ema: EMAOptimizer | None = None
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(*args, **kwargs)
+        base = getattr(optimizer, "optimizer", optimizer)  # already wrapped by accelerate on a second train()
+        self.ema = attached_ema(base)
+        if self.ema is None:
+            self.ema = attach(base, self.ema_momentum, model=self.model, **self.ema_kwargs)
+        return optimizer
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        if not self.evaluate_on_ema:
+            return super().evaluate(*args, **kwargs)
+        if self.ema is None:
+            raise RuntimeError("EMATrainer(evaluate_on_ema=True): there is no EMA to evaluate on before train() "
+                               "builds the optimizer; pass evaluate_on_ema=False")
+        with self.ema.swap_ema():
+            return super().evaluate(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.save_ema_model or _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        if self.ema is None:
+            raise RuntimeError("EMATrainer(save_ema_model=True): there is no EMA to save before train() builds the "
+                               "optimizer; pass save_ema_model=False")
+        with self.ema.swap_ema():
+            return super().save_model(output_dir, _internal_call)
+
+
+class EMATrainer(EMATrainerMixin, transformers.Trainer):
+    """``transformers.Trainer`` with the EMA of :class:`EMATrainerMixin`."""
