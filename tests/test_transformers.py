@@ -94,17 +94,28 @@ def test_resume_from_checkpoint_ends_bitwise_where_the_uninterrupted_run_ends(tr
         assert all(torch.equal(v, trained["final"][key][k]) for k, v in state.items()), key
 
 
-@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
-def test_accelerate_launch_two_cpu_processes(tmp_path, mixed_precision):
-    script = Path(__file__).with_name("accelerate_loop.py")
+def launch(script, out, mixed_precision="no"):
     # accelerate's --cpu launcher needs mpirun for more than one process; its torchrun launcher
     # with ACCELERATE_USE_CPU starts CPU ranks on gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script), str(tmp_path)]
+           "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script), str(out)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_trainer_ddp_on_two_cpu_processes_keeps_identical_emas(tmp_path):
+    ranks = launch(Path(__file__).with_name("hf_trainer_ddp.py"), tmp_path)
+    assert all(torch.equal(ranks[0]["ema"][k], ranks[1]["ema"][k]) for k in ranks[0]["ema"])
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["steps"] == 4  # 16 rows over 2 ranks, batches of 4, two epochs
+        assert_close_to(rank["reference"], rank["ema"].values())
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_accelerate_launch_two_cpu_processes(tmp_path, mixed_precision):
+    ranks = launch(Path(__file__).with_name("accelerate_loop.py"), tmp_path, mixed_precision)
     for key in ("ema", "resumed_ema", "model"):
         assert all(torch.equal(ranks[0][key][k], ranks[1][key][k]) for k in ranks[0][key]), key
     for rank in ranks:
