@@ -81,6 +81,12 @@ def hf_trainer(**kw):
     return EMATrainer(model=make_model(), args=args, ema_momentum=0.1, **kw)
 
 
+def mmengine_hook(**kw):
+    from triton_ema.integrations.mmengine import TritonEMAHook
+
+    return TritonEMAHook(**kw)
+
+
 def nested_swap():
     opt = wrapper()
     with opt.swap_ema(), opt.swap_ema():
@@ -160,6 +166,14 @@ ERRORS = [
      "EMATrainer takes no model= in ema_kwargs"),
     ("transformers evaluate before train", lambda: hf_trainer().evaluate(), RuntimeError,
      r"there is no EMA to evaluate on before train\(\)"),
+    ("mmengine hook unknown ema_type", lambda: mmengine_hook(ema_type="SWA"), ValueError,
+     "ema_type must be one of .*'SWA'"),
+    ("mmengine hook begin_iter and begin_epoch", lambda: mmengine_hook(begin_iter=3, begin_epoch=1), ValueError,
+     "begin_iter and begin_epoch cannot both be set"),
+    ("mmengine hook negative begin_iter", lambda: mmengine_hook(begin_iter=-1), ValueError,
+     "begin_iter must be an integer >= 0, got -1"),
+    ("mmengine hook given model=", lambda: mmengine_hook(model=make_model()), TypeError,
+     "TritonEMAHook takes no model="),
     # misuse
     ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
     ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),
