@@ -6,7 +6,7 @@ from conftest import BACKENDS, DEVICE
 from models import make_model
 
 from triton_ema import EMAOptimizer, attach
-from triton_ema.schedules import Cosine, Power, Warmup
+from triton_ema.schedules import Constant, CopyUntil, Cosine, MomentumAnnealing, Power, Ramp, Recount, Warmup
 
 
 def wrapper(**kw):
@@ -136,6 +136,11 @@ ERRORS = [
     ("cosine without length", lambda: Cosine(0.004), ValueError, "total_steps must be a positive integer"),
     ("negative warm-up", lambda: Warmup(0.1, warm_up=-1), ValueError, "warm_up must be a non-negative integer"),
     ("power decay 1", lambda: Power(decay=1.0), ValueError, "decay must be < 1"),
+    ("ramp floor above cap", lambda: Ramp(0.9, min_decay=0.99), ValueError, "min_decay \\(0.99\\) must not exceed decay"),
+    ("annealing gamma 0", lambda: MomentumAnnealing(1e-3, gamma=0), ValueError, "gamma must be a finite number > 0"),
+    ("delay of a float", lambda: CopyUntil(0.1, 5), TypeError, "schedule must be a schedule .*got float"),
+    ("negative delay", lambda: CopyUntil(Constant(0.1), -2), ValueError, "step must be a non-negative integer, got -2"),
+    ("recount every 0", lambda: Recount(Ramp(), every=0), ValueError, "every must be an integer >= 1, got 0"),
     # parameters
     ("integer parameter", with_ints, TypeError, "param_groups\\[0\\]\\['params'\\]\\[1\\] has dtype torch.int64"),
     ("duplicate parameter", duplicated, ValueError,

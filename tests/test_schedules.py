@@ -3,7 +3,21 @@ import math
 import pytest
 
 from triton_ema import schedules
-from triton_ema.schedules import Constant, Cosine, Power, Warmup, as_schedule, momentum_at
+from triton_ema.schedules import (
+    Constant,
+    CopyUntil,
+    Cosine,
+    HoldUntil,
+    Max,
+    Min,
+    MomentumAnnealing,
+    Power,
+    Ramp,
+    Recount,
+    Warmup,
+    as_schedule,
+    momentum_at,
+)
 
 
 def test_constant():
@@ -111,3 +125,95 @@ def test_bad_momentum_or_decay(momentum, decay, error, match):
 
 def test_decay_is_one_minus_momentum():
     assert as_schedule(None, 0.75)(5) == 0.25
+
+
+# --- warm-ups that warm up, start delays and combinators: exact values from the formulas ---
+
+def test_warmup_is_a_no_op_when_momentum_is_at_most_one_over_warm_up():
+    for m, w in [(0.004, 100), (0.02, 10), (0.01, 100), (0.3, 1), (0.3, 0)]:
+        assert [Warmup(m, w)(t) for t in (0, 1, w, 10**6)] == [Constant(m)(t) for t in (0, 1, w, 10**6)]
+    assert Warmup(0.011, 100)(0) == 0.01  # just above 1 / warm_up the ramp bites at t = 0
+
+
+@pytest.mark.parametrize("t", [0, 1, 2, 889, 890, 10**7])
+def test_ramp_is_tensorflows(t):
+    # TF ExponentialMovingAverage(num_updates=n): decay = min(decay, (1 + n) / (10 + n)); capped at 0.99 from n = 890.
+    assert Ramp(0.99)(t) == 1 - min(0.99, (1 + t) / (10 + t))
+    assert Ramp()(t) == 1 - (1 + t) / (10 + t)
+    assert Ramp(0.99, min_decay=0.5)(t) == 1 - max(0.5, min(0.99, (1 + t) / (10 + t)))
+
+
+def test_ramp_values():
+    assert Ramp()(0) == 1 - 1 / 10 and Ramp()(1) == 1 - 2 / 11
+    assert Ramp(0.99)(889) > 1 - 0.99 and Ramp(0.99)(890) == 1 - 0.99  # (1 + 890) / (10 + 890) = 0.99
+    assert Ramp(0.0)(5) == 1.0  # decay 0: every update copies
+
+
+@pytest.mark.parametrize("t", [0, 1, 99, 100, 101, 10**6])
+def test_momentum_annealing_is_mmengines(t):
+    assert MomentumAnnealing(0.001, gamma=100)(t) == max(0.001, 100 / (100 + t))
+    assert MomentumAnnealing(0.001, gamma=100)(0) == 1.0
+    assert MomentumAnnealing(0.001, gamma=100)(99_900) == 0.001  # 100 / 100_000 meets the floor
+    assert MomentumAnnealing(0.001, gamma=100)(10**6) == 0.001
+
+
+def test_copy_until_delays_the_schedules_clock():
+    s = CopyUntil(Power(decay=0.999, power=3 / 4), 100)
+    assert [s(t) for t in (0, 1, 99, 100)] == [1.0] * 4
+    for t in (101, 102, 5000):
+        assert s(t) == 1 - min(max(1 - (1 + (t - 100)) ** -0.75, 0.0), 0.999)
+    first = CopyUntil(Constant(2e-4))
+    assert [first(t) for t in (0, 1, 10**6)] == [1.0, 2e-4, 2e-4]
+
+
+def test_hold_until_keeps_the_ema_then_hands_over():
+    s = HoldUntil(CopyUntil(Constant(0.1), 6), 6)
+    assert [s(t) for t in (0, 5, 6, 7, 100)] == [0.0, 0.0, 1.0, 0.1, 0.1]
+
+
+def test_recount_evaluates_another_counter():
+    s = Recount(Ramp(0.999), every=4, start=1)  # torch_ema called every 4 steps: num_updates = t // 4 + 1
+    assert [s(t) for t in (0, 4, 8, 400)] == [1 - 2 / 11, 1 - 3 / 12, 1 - 4 / 13, 1 - 102 / 111]
+    assert Recount(Ramp())(7) == Ramp()(7)
+
+
+def test_max_and_min_take_the_element_wise_extreme():
+    cos, ramp = Cosine(0.02, 0.005, total_steps=1000), Ramp()
+    warm = Max(cos, ramp)
+    assert warm(0) == 0.9 and warm(1) == 1 - 2 / 11       # the ramp forgets the initial weights fast
+    assert warm(440) == max(cos(440), 1 - 441 / 450) == 1 - 441 / 450  # the ramp is still above the cosine
+    assert warm(1000) == 1 - 1001 / 1010                   # 1 - (1 + t) / (10 + t) falls below 0.005 after t = 1790
+    assert warm(1790) == 1 - 1791 / 1800 and warm(1791) == 0.005 and warm(10**6) == 0.005
+    assert [Min(cos, ramp)(t) for t in (0, 1000)] == [0.02, 0.005]
+
+
+@pytest.mark.parametrize("schedule", [
+    Ramp(0.999), MomentumAnnealing(1e-3, 50), CopyUntil(Power(), 100), HoldUntil(Constant(0.5), 3),
+    Recount(Ramp(0.9), 2, 1), Max(Cosine(0.01, 0.0, 100), Ramp()), Min(Constant(0.1), Warmup(0.5, 10)),
+])
+def test_new_schedules_are_frozen_picklable_and_readable(schedule):
+    import dataclasses
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(schedule))
+    assert clone == schedule and [clone(t) for t in range(300)] == [schedule(t) for t in range(300)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        schedule.step = 3
+    assert repr(schedule).startswith(type(schedule).__name__ + "(") and "object at" not in repr(schedule)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: Ramp(1.5), ValueError, "decay must lie in \\[0, 1\\], got 1.5"),
+    (lambda: Ramp(0.9, min_decay=0.95), ValueError, "min_decay \\(0.95\\) must not exceed decay \\(0.9\\)"),
+    (lambda: MomentumAnnealing(1e-3, gamma=0), ValueError, "gamma must be a finite number > 0, got 0"),
+    (lambda: MomentumAnnealing(0.0), ValueError, "momentum must lie in \\(0, 1\\]"),
+    (lambda: CopyUntil(0.1, 5), TypeError, "schedule must be a schedule .* got float"),
+    (lambda: CopyUntil(Constant(0.1), -1), ValueError, "step must be a non-negative integer, got -1"),
+    (lambda: HoldUntil(Constant(0.1), 2.5), ValueError, "step must be a non-negative integer, got 2.5"),
+    (lambda: Recount(Ramp(), every=0), ValueError, "every must be an integer >= 1, got 0"),
+    (lambda: Recount(Ramp(), start=-1), ValueError, "start must be a non-negative integer, got -1"),
+    (lambda: Max(Ramp(), "fast"), TypeError, "second must be a schedule"),
+])
+def test_bad_combinator_settings(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

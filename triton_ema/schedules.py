@@ -13,7 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 
-__all__ = ["Constant", "Warmup", "Cosine", "Power", "Schedule", "as_schedule", "momentum_at"]
+__all__ = [
+    "Constant", "Warmup", "Cosine", "Power", "Ramp", "MomentumAnnealing",
+    "CopyUntil", "HoldUntil", "Recount", "Max", "Min",
+    "Schedule", "as_schedule", "momentum_at",
+]
 
 Schedule = Callable[[int], float]
 
@@ -27,10 +31,21 @@ def _check_unit(name: str, value: float, *, allow_zero: bool) -> float:
     return value
 
 
+def _check_count(name: str, value: int, *, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, Real) or int(value) != value or value < low:
+        kind = "a non-negative integer" if low == 0 else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
+
+
 def _check_warm_up(warm_up: int) -> int:
-    if isinstance(warm_up, bool) or int(warm_up) != warm_up or warm_up < 0:
-        raise ValueError(f"warm_up must be a non-negative integer, got {warm_up!r}")
-    return int(warm_up)
+    return _check_count("warm_up", warm_up)
+
+
+def _check_schedule(name: str, schedule: Schedule) -> Schedule:
+    if not callable(schedule):
+        raise TypeError(f"{name} must be a schedule (a callable step -> momentum), got {type(schedule).__name__}")
+    return schedule
 
 
 def _warm_up_ramp(t: int, warm_up: int) -> float:
@@ -53,7 +68,14 @@ class Constant:
 
 @dataclass(frozen=True)
 class Warmup:
-    """mmcv ``EMAHook``: ``min(momentum, (1 + t) / (warm_up + t))``."""
+    """mmcv ``EMAHook``: ``min(momentum, (1 + t) / (warm_up + t))``.
+
+    Bit-exact with mmcv, whose ramp only ever *lowers* the momentum (the EMA
+    moves more slowly at first). It is a no-op, the same momentum at every
+    step as ``Constant(momentum)``, whenever ``momentum <= 1 / warm_up`` (the
+    ramp starts at ``1 / warm_up`` and grows), e.g. ``Warmup(2e-4, 100)``. For
+    a warm-up that forgets the random initial weights fast, see :class:`Ramp`,
+    :class:`Power`, :class:`CopyUntil` and :class:`Max`."""
 
     momentum: float
     warm_up: int = 100
@@ -122,6 +144,146 @@ class Power:
     def __call__(self, t: int) -> float:
         decay_t = 1.0 - (1.0 + t / self.inv_gamma) ** -self.power
         return 1.0 - min(max(decay_t, self.min_decay), self.decay)
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """The TensorFlow decay ramp of ``torch_ema`` and diffusers (without
+    ``use_ema_warmup``): ``decay_t = clamp((1 + t) / (10 + t), min_decay, decay)``,
+    momentum ``1 - decay_t``. It starts at momentum 0.9 and falls like
+    ``9 / (10 + t)`` until it reaches ``1 - decay``; ``decay=1`` (the default)
+    leaves the ramp uncapped, to combine with another schedule by :class:`Max`.
+
+    The libraries evaluate it at their own counter, not at this library's
+    ``t``: ``torch_ema`` at the number of updates including the current one
+    (``Recount(Ramp(d), start=1)``), diffusers at the steps after
+    ``update_after_step`` (``CopyUntil(Ramp(d), update_after_step)``)."""
+
+    decay: float = 1.0
+    min_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        decay = _check_unit("decay", self.decay, allow_zero=True)
+        min_decay = _check_unit("min_decay", self.min_decay, allow_zero=True)
+        if min_decay > decay:
+            raise ValueError(f"min_decay ({min_decay}) must not exceed decay ({decay})")
+        object.__setattr__(self, "decay", decay)
+        object.__setattr__(self, "min_decay", min_decay)
+
+    def __call__(self, t: int) -> float:
+        return 1.0 - max(min((1 + t) / (10 + t), self.decay), self.min_decay)
+
+
+@dataclass(frozen=True)
+class MomentumAnnealing:
+    """mmengine ``MomentumAnnealingEMA``: ``max(momentum, gamma / (gamma + t))``.
+    The first update (t = 0) copies the weights; the momentum then falls like
+    ``gamma / (gamma + t)`` until it reaches ``momentum``. mmengine's ``t``
+    counts optimizer steps (every ``update_parameters`` call, updating or not)."""
+
+    momentum: float = 2e-4
+    gamma: float = 100
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "momentum", _check_unit("momentum", self.momentum, allow_zero=False))
+        gamma = self.gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, Real) or not gamma > 0 or math.isinf(gamma):
+            raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+
+    def __call__(self, t: int) -> float:
+        return max(self.momentum, self.gamma / (self.gamma + t))
+
+
+@dataclass(frozen=True)
+class CopyUntil:
+    """A start delay: every update at ``t <= step`` copies the weights
+    (momentum 1), and ``schedule``'s clock starts at ``step``: later updates
+    use ``schedule(t - step)``. ``CopyUntil(s, 0)`` makes the first update copy.
+
+    This is ema-pytorch's and diffusers' ``update_after_step=step``, timm's
+    ``update_after_step`` as timm's train script calls it, mmengine's
+    ``begin_iter=b`` with ``step = max(b - 1, 0)``, and the first-update copy
+    of mmengine, ``AveragedModel`` and Lightning."""
+
+    schedule: Schedule
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        _check_schedule("schedule", self.schedule)
+        object.__setattr__(self, "step", _check_count("step", self.step))
+
+    def __call__(self, t: int) -> float:
+        return 1.0 if t <= self.step else self.schedule(t - self.step)
+
+
+@dataclass(frozen=True)
+class HoldUntil:
+    """Momentum 0 (the EMA keeps its value) at every ``t < step``, then
+    ``schedule(t)``. Lightning's ``update_starting_at_step`` keeps the initial
+    weights until its first update, which copies:
+    ``HoldUntil(CopyUntil(Constant(1 - decay), s), s)``."""
+
+    schedule: Schedule
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        _check_schedule("schedule", self.schedule)
+        object.__setattr__(self, "step", _check_count("step", self.step))
+
+    def __call__(self, t: int) -> float:
+        return 0.0 if t < self.step else self.schedule(t)
+
+
+@dataclass(frozen=True)
+class Recount:
+    """``schedule`` evaluated at another library's counter: ``schedule(t // every + start)``.
+
+    ``every``: the library counts EMA updates, one per ``every`` optimizer
+    steps (give the same value as ``interval=``); ``start``: its counter at
+    the first update (``torch_ema`` counts the update being made, so 1)."""
+
+    schedule: Schedule
+    every: int = 1
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        _check_schedule("schedule", self.schedule)
+        object.__setattr__(self, "every", _check_count("every", self.every, low=1))
+        object.__setattr__(self, "start", _check_count("start", self.start))
+
+    def __call__(self, t: int) -> float:
+        return self.schedule(t // self.every + self.start)
+
+
+@dataclass(frozen=True)
+class Max:
+    """The larger momentum of two schedules at each step (the smaller decay):
+    ``Max(Cosine(...), Ramp())`` is a cosine that really warms up."""
+
+    first: Schedule
+    second: Schedule
+
+    def __post_init__(self) -> None:
+        _check_schedule("first", self.first)
+        _check_schedule("second", self.second)
+
+    def __call__(self, t: int) -> float:
+        return max(self.first(t), self.second(t))
+
+
+@dataclass(frozen=True)
+class Min:
+    """The smaller momentum of two schedules at each step (the larger decay)."""
+
+    first: Schedule
+    second: Schedule
+
+    def __post_init__(self) -> None:
+        _check_schedule("first", self.first)
+        _check_schedule("second", self.second)
+
+    def __call__(self, t: int) -> float:
+        return min(self.first(t), self.second(t))
 
 
 def as_schedule(momentum: float | Schedule | None, decay: float | None) -> Schedule:
