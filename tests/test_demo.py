@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from triton_ema.demo import DigitsNet, evaluate, run
+from triton_ema.demo import DigitsNet, build, evaluate, load_data, parse_args, run
 
 
 def tiny(out, epochs, *extra):
@@ -57,3 +57,14 @@ def test_command_line_entry_point(tmp_path):
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint at"):
         tiny(tmp_path, 1, "--resume")
+
+
+def test_warm_up_changes_the_momentum():
+    data = load_data(torch.device("cpu"), 0)
+    _, warm = build(parse_args(["--epochs", "15"]), data)
+    _, plain = build(parse_args(["--epochs", "15", "--warm-up", "none"]), data)
+    # 1 - (1 - (1 + t) ** -1): the average of all weights so far
+    assert [warm.schedule(t) for t in (0, 1, 9)] == [1 - (1 - (1 + t) ** -1.0) for t in (0, 1, 9)]
+    assert plain.schedule(0) == 0.02 and 0.0199 < plain.schedule(9) < 0.02  # the cosine alone
+    for late in (50, 1000):  # once 1 / (1 + t) is below the cosine, the cosine rules
+        assert warm.schedule(late) == plain.schedule(late) > 1 / (1 + late)

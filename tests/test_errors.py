@@ -104,6 +104,15 @@ def non_dense_on_triton():
     EMAOptimizer(torch.optim.SGD([strided], lr=0.1), momentum=0.1, backend="triton")
 
 
+def importing(edit, num_steps=3, **kw):
+    def run():
+        opt = wrapper(**kw)
+        sd = dict(opt.model.state_dict())
+        edit(sd)
+        opt.load_ema_state_dict(sd, num_steps=num_steps)
+    return run
+
+
 def no_model_for_ema_state_dict():
     EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), momentum=0.1).ema_state_dict()
 
@@ -179,6 +188,18 @@ ERRORS = [
      "begin_iter must be an integer >= 0, got -1"),
     ("mmengine hook given model=", lambda: mmengine_hook(model=make_model()), TypeError,
      "TritonEMAHook takes no model="),
+    # EMA weights from elsewhere (load_ema_state_dict)
+    ("import: unknown entry", importing(lambda sd: sd.__setitem__("head.weight", torch.zeros(1))), ValueError,
+     "entries the model does not: \\['head.weight'\\]"),
+    ("import: missing entry", importing(lambda sd: sd.pop("fc.bias")), ValueError, "no entry for fc.bias"),
+    ("import: wrong shape", importing(lambda sd: sd.__setitem__("fc.bias", torch.zeros(2))), ValueError,
+     "EMA of fc.bias has shape \\(2,\\), the model's has \\(7,\\)"),
+    ("import: wrong dtype", importing(lambda sd: sd.__setitem__("fc.bias", torch.zeros(7, dtype=torch.int32))),
+     ValueError, "EMA of fc.bias has dtype torch.int32; expected the model's torch.float32"),
+    ("import: negative step count", importing(lambda sd: None, num_steps=-1), ValueError,
+     "num_steps must be a non-negative integer, got -1"),
+    ("import without model", lambda: EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), momentum=0.1)
+     .load_ema_state_dict({}, num_steps=0), RuntimeError, "load_ema_state_dict\\(\\) needs the model"),
     # misuse
     ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
     ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),

@@ -76,7 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--momentum", type=float, default=0.02, help="EMA momentum at the start of the cosine")
     p.add_argument("--end-momentum", type=float, default=0.005, help="EMA momentum at the end of the cosine")
-    p.add_argument("--warm-up", type=int, default=10, help="mmcv-style momentum warm-up, in steps")
+    p.add_argument("--warm-up", choices=("power", "none"), default="power",
+                   help="power: the momentum is at least 1 / (1 + t) at step t (the power warm-up of timm and "
+                        "ema-pytorch with power=1): the EMA averages all weights so far, forgetting the random "
+                        "initial ones, until the cosine's window is shorter; none: the cosine alone")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the checkpoint and the plot")
     p.add_argument("--seed", type=int, default=0)
@@ -97,8 +100,9 @@ def build(args: argparse.Namespace, data: Data) -> tuple[nn.Module, EMAOptimizer
     batches = math.ceil(len(data.y_train) / args.batch_size)
     if args.max_batches:
         batches = min(batches, args.max_batches)
-    schedule = schedules.Cosine(args.momentum, args.end_momentum, total_steps=args.epochs * batches,
-                                warm_up=args.warm_up)
+    schedule = schedules.Cosine(args.momentum, args.end_momentum, total_steps=args.epochs * batches)
+    if args.warm_up == "power":
+        schedule = schedules.Max(schedule, schedules.Power(decay=1 - args.end_momentum, power=1.0))
     opt = EMAOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), momentum=schedule, model=model,
                        update_buffers=True)
     return model, opt
@@ -142,7 +146,7 @@ def run(argv: list[str] | None = None) -> dict:
         with opt.swap_ema():
             ema_acc, ema_loss = evaluate(model, data.x_test, data.y_test)
         history.append({"epoch": epoch + 1, "train_acc": train_acc, "train_loss": train_loss,
-                        "ema_acc": ema_acc, "ema_loss": ema_loss})
+                        "ema_acc": ema_acc, "ema_loss": ema_loss, "momentum": opt.schedule(opt.num_steps - 1)})
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "shuffle": shuffle.get_state(),
                     "history": history, "epoch": epoch + 1}, ckpt_path)
         bar.set_postfix(acc=f"{train_acc:.1f}", ema_acc=f"{ema_acc:.1f}")
@@ -159,12 +163,12 @@ def run(argv: list[str] | None = None) -> dict:
 
 def report(history: list[dict], args: argparse.Namespace) -> str:
     lines = [f"held-out accuracy (%) and loss, {args.device}, lr {args.lr}, EMA momentum "
-             f"{args.momentum} -> {args.end_momentum} (cosine, warm-up {args.warm_up})",
-             "epoch | train weights: acc  loss  | EMA weights: acc  loss",
-             "------+---------------------------+------------------------"]
+             f"{args.momentum} -> {args.end_momentum} (cosine, warm-up: {args.warm_up})",
+             "epoch | train weights: acc  loss  | EMA weights: acc  loss | EMA momentum",
+             "------+---------------------------+------------------------+-------------"]
     for h in history:
         lines.append(f"{h['epoch']:5d} | {h['train_acc']:19.2f} {h['train_loss']:6.4f} | "
-                     f"{h['ema_acc']:16.2f} {h['ema_loss']:6.4f}")
+                     f"{h['ema_acc']:16.2f} {h['ema_loss']:6.4f} | {h['momentum']:12.4f}")
     last = history[-1]
     tail = history[len(history) // 2:]
     mean = {k: sum(h[k] for h in tail) / len(tail) for k in ("train_acc", "ema_acc", "train_loss", "ema_loss")}

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from . import sharding
+from . import migrate, sharding
 from .backends import BACKENDS
 from .buckets import ShadowStore
 from .hooks import AttachHooks, attached_ema
@@ -346,6 +346,16 @@ class EMAOptimizer(torch.optim.Optimizer):
         if self.model is not None:
             state["names"] = self._store.names[:n]
         return state
+
+    def load_ema_state_dict(self, state_dict: dict[str, Tensor], *, num_steps: int) -> None:
+        """Start the EMA from weights averaged elsewhere: a dict keyed like
+        ``model.state_dict()`` (see :mod:`triton_ema.migrate` for other libraries'
+        formats), after ``num_steps`` optimizer steps, from which the schedule
+        continues. Needs ``model=``. Everything is checked before anything changes."""
+        self._refuse_while_swapped("load_ema_state_dict()")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, Integral) or num_steps < 0:
+            raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
+        self._load_ema(int(num_steps), self._store.skipped(), migrate.checked_values(self, state_dict))
 
     @property
     def ema_checkpoint(self) -> _EMACheckpoint:

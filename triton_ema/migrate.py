@@ -1,0 +1,95 @@
+"""Bring an EMA kept by another library into :class:`EMAOptimizer`.
+
+``opt.load_ema_state_dict(state_dict, num_steps=n)`` takes a model-keyed
+dict, as ``model.state_dict()`` or ``opt.ema_state_dict()`` key it. Most
+libraries hold one already (timm's ``model_ema.module.state_dict()``,
+ema-pytorch's ``ema.ema_model.state_dict()``, the ``"state_dict"`` of an
+mmengine checkpoint saved with its ``EMAHook``); the functions here convert
+the other formats:
+
+- :func:`from_shadow_params`: a list in ``model.parameters()`` order
+  (``torch_ema``'s and diffusers' ``state_dict()["shadow_params"]``);
+- :func:`strip_prefix`: the entries under a prefix (mmengine's live
+  ``hook.ema_model.state_dict()``, ``"module."``; ema-pytorch's
+  ``ema.state_dict()``, ``"ema_model."``);
+- :func:`from_mmcv`: mmcv 1.x ``EMAHook``'s ``ema_*`` buffers in the model's
+  state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from . import sharding
+
+if TYPE_CHECKING:
+    from .optimizer import EMAOptimizer
+
+__all__ = ["from_mmcv", "from_shadow_params", "strip_prefix"]
+
+
+def from_shadow_params(shadow_params: Sequence[Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Name a list of EMA tensors in ``model.parameters()`` order by the model's parameter names."""
+    names = [name for name, _ in model.named_parameters()]
+    if len(shadow_params) != len(names):
+        raise ValueError(f"shadow_params holds {len(shadow_params)} tensors, the model has {len(names)} parameters")
+    return dict(zip(names, shadow_params))
+
+
+def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries whose key starts with ``prefix``, with the prefix removed; others are dropped."""
+    out = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    if not out:
+        raise ValueError(f"no key of the state dict starts with {prefix!r} (first keys: {list(state_dict)[:3]})")
+    return out
+
+
+def from_mmcv(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """mmcv 1.x ``EMAHook`` keeps the EMA of parameter ``a.b`` in the buffer ``ema_a_b``."""
+    out, missing = {}, []
+    for name, _ in model.named_parameters():
+        key = "ema_" + name.replace(".", "_")
+        if key in state_dict:
+            out[name] = state_dict[key]
+        else:
+            missing.append(key)
+    if missing:
+        raise ValueError(f"the state dict has no mmcv EMA buffer {missing[0]!r} ({len(missing)} missing)")
+    return out
+
+
+def checked_values(opt: EMAOptimizer, state_dict: Mapping[str, Tensor]) -> list[Tensor]:
+    """The value for every tensor ``opt`` averages, from a model-keyed dict, in the
+    store's order; or an error naming the culprit. Nothing is changed here."""
+    if opt.model is None:
+        raise RuntimeError("load_ema_state_dict() needs the model: pass model= to EMAOptimizer")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict keyed like model.state_dict(), got {type(state_dict).__name__}")
+    model_entries = opt.model.state_dict(keep_vars=True)
+    unknown = [key for key in state_dict if key not in model_entries]
+    if unknown:
+        raise ValueError(f"the EMA state dict has entries the model does not: {unknown[:5]}")
+    index = {id(t): i for i, t in enumerate(opt._objects)}
+    values: list[Tensor | None] = [None] * len(opt._objects)
+    for name, target in model_entries.items():
+        i = index.get(id(target))
+        if i is None:
+            continue  # not averaged: the model's own business
+        if name not in state_dict:
+            raise ValueError(f"the EMA state dict has no entry for {name}, which this EMA averages")
+        value, shadow = state_dict[name], opt._store.shadow_view(i)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"the EMA of {name} is a {type(value).__name__}, not a tensor")
+        if value.shape != target.shape:
+            raise ValueError(f"the EMA of {name} has shape {tuple(value.shape)}, the model's has {tuple(target.shape)}")
+        if value.dtype not in (target.dtype, shadow.dtype):
+            raise ValueError(f"the EMA of {name} has dtype {value.dtype}; expected the model's {target.dtype} "
+                             f"or the shadow's {shadow.dtype}")
+        values[i] = value
+    absent = [opt._store.names[i] for i, v in enumerate(values) if v is None]
+    if absent:
+        raise ValueError(f"{absent[0]} is averaged but not in model.state_dict(): its EMA cannot be named")
+    return [sharding.local_value(v, t) for v, t in zip(values, opt._objects)]
