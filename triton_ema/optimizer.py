@@ -16,9 +16,9 @@ from torch.utils.hooks import RemovableHandle
 
 from . import migrate, sharding
 from .backends import BACKENDS
-from .buckets import ShadowStore
 from .hooks import AttachHooks, attached_ema
 from .schedules import Constant, Schedule, as_schedule, momentum_at
+from .store import ShadowStore
 from .swap import SwapContext
 
 __all__ = ["EMAOptimizer", "attach"]

@@ -1,0 +1,169 @@
+"""The jobs over all buckets of one EMA: build them, keep them valid, update, swap, load.
+
+This is the layer above both storage (:mod:`.buckets`, which knows no backend)
+and the backends: it picks a backend per bucket and runs each job as one
+backend call per bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .backends import select_backend
+from .buckets import StorageWatch, build_buckets
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return (a.shape, a.stride(), a.dtype, a.device) == (b.shape, b.stride(), b.dtype, b.device)
+
+
+class ShadowStore:
+    """All buckets of one EMA: builds them, keeps them valid, runs their jobs.
+
+    ``tensors`` are the averaged tensors in a fixed order (the optimizer's
+    params, then buffers); index ``i`` everywhere means ``tensors[i]``.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], names: Sequence[str], *, shadow_dtype, device, backend: str) -> None:
+        self.shadow_dtype = shadow_dtype
+        self.device = device
+        self.backend = backend
+        self.skips: dict[torch.device, Tensor] = {}  # per device: bucket updates skipped for non-finite params
+        self.held: list[Tensor] | None = None  # while swapped: the storage that swap_in swapped
+        self.rebuild(list(tensors), list(names), [None] * len(tensors))
+
+    def rebuild(self, tensors: list[Tensor], names: list[str], values: list[Tensor | None]) -> None:
+        """Lay out buckets; shadows start from ``values[i]`` or, where None, from the tensor."""
+        buckets, where = build_buckets(tensors, names, self.shadow_dtype, self.device)
+        for bucket in buckets:
+            bucket.backend = select_backend(self.backend, bucket)
+        with torch.no_grad():
+            for bucket in buckets:
+                bucket.backend.params_to_shadow(bucket)
+            for (b, slot), value in zip(where, values):
+                if value is not None:
+                    buckets[b].views[slot].copy_(value)
+        self.tensors, self.names, self.buckets, self.where = tensors, names, buckets, where
+        self.watch = StorageWatch(tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def swapped(self) -> bool:
+        return any(b.exchanged or b.stash is not None for b in self.buckets)
+
+    def ema(self, i: int) -> Tensor:
+        """The EMA of tensor ``i`` as it is stored now (no copy)."""
+        b, slot = self.where[i]
+        return self.buckets[b].ema_tensors()[slot]
+
+    def shadow_view(self, i: int) -> Tensor:
+        b, slot = self.where[i]
+        return self.buckets[b].views[slot]
+
+    def replace(self, i: int, tensor: Tensor) -> None:
+        """``tensors[i]`` is now another object (``module.to()`` replaces buffers); keep its EMA."""
+        b, slot = self.where[i]
+        bucket = self.buckets[b]
+        self.tensors[i] = bucket.tensors[slot] = tensor
+
+    def refresh(self) -> None:
+        """Notice storage that was replaced (``p.data = ...``, ``module.to()``,
+        ``load_state_dict(assign=True)``) before any job touches it: one pass over
+        every tensor's data pointer while nothing moved."""
+        if not self.watch.moved():
+            return
+        stale = [b for b in self.buckets if b.current_ptrs() != b.ptrs]
+        relayout = False
+        for bucket in stale:
+            for t, name, view in zip(bucket.tensors, bucket.names, bucket.views):
+                if t.shape != view.shape:
+                    raise RuntimeError(f"{name} changed shape from {tuple(view.shape)} to {tuple(t.shape)}; "
+                                       "its EMA cannot follow")
+                relayout |= (t.dtype, t.device, t.stride()) != (bucket.param_dtype, bucket.param_device, view.stride())
+        if relayout and self.swapped:
+            raise RuntimeError("parameters changed dtype, device or memory layout inside swap_ema(); "
+                               "move the model outside the swap_ema() block")
+        if relayout:
+            self.rebuild(self.tensors, self.names, [self.shadow_view(i) for i in range(len(self))])
+            return
+        for bucket in stale:
+            bucket.ptrs = bucket.current_ptrs()
+            bucket.cache.clear()
+        self.watch.mark()
+
+    # Jobs: one backend call per bucket.
+
+    def update(self, momentum: float, skip_nonfinite: bool = False) -> None:
+        for bucket in self.buckets:
+            if not skip_nonfinite:
+                bucket.backend.update(bucket, momentum)
+                continue
+            flag = bucket.backend.nonfinite(bucket)  # decided on the device: no host sync
+            bucket.backend.update(bucket, momentum, flag)
+            count = self.skips.get(flag.device)
+            if count is None:
+                self.skips[flag.device] = flag.to(torch.int64)
+            else:
+                count += flag
+
+    def skipped(self) -> int:
+        """Bucket updates skipped for non-finite params so far (reading it waits for the device)."""
+        return sum(int(count) for count in self.skips.values())
+
+    def swap_in(self) -> None:
+        done = []
+        try:
+            for bucket in self.buckets:
+                bucket.backend.swap_in(bucket)
+                done.append(bucket)
+        except BaseException:
+            for bucket in reversed(done):
+                bucket.backend.swap_out(bucket)
+            raise
+        # The swapped storage, kept alive: if the block moves a tensor elsewhere, the
+        # training weights still have a place to come back to.
+        self.held = [t.detach() for t in self.tensors]
+
+    def swap_out(self, current: Sequence[Tensor]) -> dict[int, Tensor]:
+        """Undo :meth:`swap_in`; ``current`` are the tensors as the model holds them now.
+
+        A tensor whose storage was replaced by one of the same layout is swapped
+        out of its new storage (what it holds becomes the EMA, as any write in the
+        block does). One moved to another dtype, device, shape or memory layout is
+        swapped out of the storage it had at :meth:`swap_in`: the EMA keeps its
+        values from before the move, and the training weights land in that old
+        storage, returned as ``{i: old storage}`` for the caller to put them into
+        the model. Afterwards the store tracks ``current`` (the next
+        :meth:`refresh` lays the buckets out anew for the moved ones)."""
+        held, self.held = self.held, None
+        moved = {i: h for i, (t, h) in enumerate(zip(current, held)) if not _same_layout(t, h)}
+        self._retrack([moved.get(i, t) for i, t in enumerate(current)])
+        self.refresh()
+        if moved:  # a backend's cache may describe a tensor by the object, whose dtype moved with it
+            for bucket in self.buckets:
+                bucket.cache.clear()
+        for bucket in self.buckets:
+            bucket.backend.swap_out(bucket)
+        self._retrack(list(current))
+        return moved
+
+    def _retrack(self, tensors: list[Tensor]) -> None:
+        for i, t in enumerate(tensors):
+            self.replace(i, t)
+
+    def reset(self) -> None:
+        """Shadows become copies of the current tensors."""
+        for bucket in self.buckets:
+            bucket.backend.params_to_shadow(bucket)
+
+    def load(self, values: Sequence[Tensor], skipped: int) -> None:
+        """Overwrite every shadow with ``values[i]`` (already checked for shape and dtype),
+        and restart the skip count at ``skipped``."""
+        for i, value in enumerate(values):
+            self.shadow_view(i).copy_(value)
+        self.skips = {torch.device("cpu"): torch.tensor(skipped)} if skipped else {}
