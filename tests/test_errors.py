@@ -1,12 +1,25 @@
 """Bad input, one row each: every one is answered by an error that names the culprit."""
 
+import os
+import tempfile
+
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE
 from models import make_model
 
-from triton_ema import EMAOptimizer, attach
-from triton_ema.schedules import Constant, CopyUntil, Cosine, MomentumAnnealing, Power, Ramp, Recount, Warmup
+from triton_ema import EMAOptimizer, attach, posthoc
+from triton_ema.schedules import (
+    Constant,
+    CopyUntil,
+    Cosine,
+    MomentumAnnealing,
+    Power,
+    PowerFunction,
+    Ramp,
+    Recount,
+    Warmup,
+)
 
 
 def wrapper(**kw):
@@ -117,6 +130,36 @@ def no_model_for_ema_state_dict():
     EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), momentum=0.1).ema_state_dict()
 
 
+def snapshot_of(momentum, steps=1, interval=1):
+    def run():
+        p = torch.nn.Linear(2, 2).to(DEVICE)
+        opt = EMAOptimizer(torch.optim.SGD(p.parameters(), lr=0.1), momentum=momentum, model=p, interval=interval)
+        for _ in range(steps):
+            opt.step()
+        with tempfile.TemporaryDirectory() as folder:
+            posthoc.save_snapshot(opt, folder)
+    return run
+
+
+def synthesizing(prepare=lambda folder: None, **kw):
+    def run():
+        with tempfile.TemporaryDirectory() as folder:
+            prepare(folder)
+            posthoc.synthesize(folder, **kw)
+    return run
+
+
+def one_snapshot(folder):
+    p = torch.nn.Linear(2, 2)
+    opt = EMAOptimizer(torch.optim.SGD(p.parameters(), lr=0.1), momentum=PowerFunction(gamma=7.0), model=p)
+    opt.step()
+    posthoc.save_snapshot(opt, folder)
+
+
+def foreign_file(folder):
+    torch.save({"weight": torch.zeros(2)}, os.path.join(folder, "snapshot-000000000001.pt"))
+
+
 ERRORS = [
     # constructor arguments
     ("momentum and decay", construct(decay=0.9), ValueError, "either momentum or decay .* not both"),
@@ -150,6 +193,21 @@ ERRORS = [
     ("delay of a float", lambda: CopyUntil(0.1, 5), TypeError, "schedule must be a schedule .*got float"),
     ("negative delay", lambda: CopyUntil(Constant(0.1), -2), ValueError, "step must be a non-negative integer, got -2"),
     ("recount every 0", lambda: Recount(Ramp(), every=0), ValueError, "every must be an integer >= 1, got 0"),
+    ("power function, both", lambda: PowerFunction(gamma=7.0, sigma_rel=0.1), ValueError, "exactly one of gamma"),
+    ("power function, sigma_rel too wide", lambda: PowerFunction(sigma_rel=0.3), ValueError,
+     "sigma_rel must lie in \\(0, 0.2887\\) \\(gamma > 0\\), got 0.3"),
+    ("power function, gamma 0", lambda: PowerFunction(gamma=0), ValueError, "gamma must be a positive finite number"),
+    # post-hoc EMA
+    ("snapshot of a constant EMA", snapshot_of(0.1), ValueError, "needs power-function profiles"),
+    ("snapshot before a step", snapshot_of(PowerFunction(gamma=7.0), steps=0), ValueError, "before the first step"),
+    ("snapshot with interval", snapshot_of(PowerFunction(gamma=7.0), interval=2), ValueError,
+     "needs an update every step \\(interval=1\\), got interval=2"),
+    ("no snapshots", synthesizing(sigma_rel=0.1), FileNotFoundError, "no snapshots \\(snapshot-\\*.pt\\) in"),
+    ("synthesize both targets", synthesizing(one_snapshot, sigma_rel=0.1, gamma=7.0), ValueError,
+     "exactly one of sigma_rel and gamma"),
+    ("synthesize after the last snapshot", synthesizing(one_snapshot, gamma=7.0, time=5), ValueError,
+     "time must lie in \\(0, 1\\] \\(the last snapshot's time\\), got 5"),
+    ("not a snapshot", synthesizing(foreign_file, gamma=7.0), ValueError, "is not a triton-ema snapshot"),
     # parameters
     ("integer parameter", with_ints, TypeError, "param_groups\\[0\\]\\['params'\\]\\[1\\] has dtype torch.int64"),
     ("duplicate parameter", duplicated, ValueError,

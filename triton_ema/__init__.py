@@ -1,9 +1,9 @@
 """triton-ema: an exponential moving average of model weights, kept inside any
 PyTorch optimizer's ``step()`` and computed over flat buckets by Triton kernels."""
 
-from . import schedules
+from . import posthoc, schedules
 from .optimizer import EMAOptimizer, attach
 
 __version__ = "0.1.0"
 
-__all__ = ["EMAOptimizer", "attach", "schedules", "__version__"]
+__all__ = ["EMAOptimizer", "attach", "schedules", "posthoc", "__version__"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from . import migrate, sharding
 from .backends import BACKENDS
 from .hooks import AttachHooks, attached_ema
-from .schedules import Constant, Schedule, as_schedule, momentum_at
+from .schedules import Constant, PowerFunction, Schedule, as_schedule, momentum_at
 from .store import ShadowStore
 from .swap import SwapContext
 
@@ -78,6 +79,8 @@ class EMAOptimizer(torch.optim.Optimizer):
 
         self.optimizer = optimizer
         self.schedule = schedule
+        self.schedules = {None: schedule}  # the EMA profiles by name; None: the one unnamed profile
+        self.run_id = uuid.uuid4().hex  # tells this run's post-hoc snapshots from another's
         self.interval = int(interval)
         self.model = model
         self.update_buffers = update_buffers
@@ -312,6 +315,20 @@ class EMAOptimizer(torch.optim.Optimizer):
             out[name] = sharding.full(ema) if full else ema
         return out
 
+    def _snapshot_state(self, name: str | None) -> tuple[dict[str, Tensor], set[str]]:
+        """Profile ``name``'s EMA keyed like ``model.state_dict()`` in the shadows' dtype (no copy),
+        and the keys that are averaged."""
+        if self.model is None:
+            raise RuntimeError("post-hoc snapshots need the model: pass model= to EMAOptimizer")
+        index = {id(t): i for i, t in enumerate(self._objects)}
+        out, averaged = {}, set()
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            i = index.get(id(value))
+            out[key] = value.detach() if i is None else sharding.like(self._store.ema(i).detach(), value)
+            if i is not None:
+                averaged.add(key)
+        return out, averaged
+
     # --- checkpoints -----------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -345,6 +362,8 @@ class EMAOptimizer(torch.optim.Optimizer):
         }
         if self.model is not None:
             state["names"] = self._store.names[:n]
+        if any(isinstance(s, PowerFunction) for s in self.schedules.values()):
+            state["run"] = self.run_id  # post-hoc snapshots of a resumed run stay one run
         return state
 
     def load_ema_state_dict(self, state_dict: dict[str, Tensor], *, num_steps: int) -> None:
@@ -408,14 +427,15 @@ class EMAOptimizer(torch.optim.Optimizer):
             self._sync()
             self._store.reset()
 
-    def _load_ema(self, step: int, skipped: int, values: list[Tensor]) -> None:
+    def _load_ema(self, step: int, skipped: int, values: list[Tensor], run: str | None = None) -> None:
         with torch.no_grad():
             self._sync()
             self._store.load(values, skipped)
         self._step = step
+        self.run_id = run or self.run_id
 
-    def _check_ema(self, ema: Any, match_names: bool = True) -> tuple[int, int, list[Tensor]]:
-        """The step, skip count and shadow values of a saved ``"ema"`` entry, or an error naming the culprit."""
+    def _check_ema(self, ema: Any, match_names: bool = True) -> tuple[int, int, list[Tensor], str | None]:
+        """The step, skip count, shadow values and run id of a saved ``"ema"`` entry, or an error naming the culprit."""
         if not isinstance(ema, dict):
             raise TypeError(f"state_dict['ema'] must be a dict, got {type(ema).__name__}")
         missing = {"step", "shadow", "buffers"} - ema.keys()
@@ -425,6 +445,9 @@ class EMAOptimizer(torch.optim.Optimizer):
             value = ema.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
                 raise ValueError(f"state_dict['ema']['{key}'] must be a non-negative integer, got {value!r}")
+        run = ema.get("run")
+        if run is not None and not isinstance(run, str):
+            raise TypeError(f"state_dict['ema']['run'] must be a str, got {type(run).__name__}")
         if ema.get("interval", self.interval) != self.interval:
             warnings.warn(f"the checkpoint was saved with interval={ema['interval']}; continuing with "
                           f"interval={self.interval}", stacklevel=4)
@@ -459,8 +482,7 @@ class EMAOptimizer(torch.optim.Optimizer):
                 values.append(value)
         # Shards last: taking a rank's shard of a full or differently sharded value may communicate.
         values = [sharding.local_value(v, t) for v, t in zip(values, self._objects)]
-        return int(ema["step"]), int(ema.get("skipped_updates", 0)), values
-
+        return int(ema["step"]), int(ema.get("skipped_updates", 0)), values, run
 
     def _check_names(self, saved: Any) -> None:
         """The checkpoint's parameter names, where it has them (and ``model=`` gives ours), are ours."""

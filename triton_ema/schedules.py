@@ -16,7 +16,7 @@ from numbers import Real
 __all__ = [
     "Constant", "Warmup", "Cosine", "Power", "Ramp", "MomentumAnnealing",
     "CopyUntil", "HoldUntil", "Recount", "Max", "Min",
-    "Schedule", "as_schedule", "momentum_at",
+    "PowerFunction", "Schedule", "as_schedule", "momentum_at",
 ]
 
 Schedule = Callable[[int], float]
@@ -284,6 +284,53 @@ class Min:
 
     def __call__(self, t: int) -> float:
         return min(self.first(t), self.second(t))
+def sigma_rel_of(gamma: float) -> float:
+    """EDM2's relative standard deviation of the power-function profile with exponent ``gamma`` (Eq. 123)."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def gamma_of(sigma_rel: float) -> float:
+    """The exponent of the power-function profile of width ``sigma_rel``: the largest real root of
+    ``g**3 + 7 g**2 + (16 - sigma_rel**-2) g + (12 - sigma_rel**-2)`` (EDM2 Eq. 126, Algorithm 2)."""
+    import torch  # the companion matrix's eigenvalues, as numpy.roots finds them
+
+    c = sigma_rel**-2
+    companion = torch.tensor([[-7.0, c - 16.0, c - 12.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    roots = torch.linalg.eigvals(companion)
+    return max(r.real.item() for r in roots if abs(r.imag.item()) <= 1e-9 * max(1.0, abs(r.real.item())))
+
+
+_MAX_SIGMA_REL = sigma_rel_of(0.0)  # gamma > 0: the profile weighs later steps more (sqrt(1/12))
+
+
+@dataclass(frozen=True)
+class PowerFunction:
+    """The power-function EMA of EDM2 (Karras et al. 2024): momentum at step t is
+    ``1 - (t / (t + 1)) ** (gamma + 1)``, so the first update copies the params and the
+    EMA after T steps weighs step t's params in proportion to ``t ** gamma``.
+    Give ``gamma`` (> 0) or ``sigma_rel``, the profile's width relative to the run's length."""
+
+    gamma: float | None = None
+    sigma_rel: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.gamma is None) == (self.sigma_rel is None):
+            raise ValueError("PowerFunction takes exactly one of gamma and sigma_rel")
+        if self.sigma_rel is not None:
+            sigma_rel = float(self.sigma_rel)
+            if not 0.0 < sigma_rel < _MAX_SIGMA_REL:
+                raise ValueError(f"sigma_rel must lie in (0, {_MAX_SIGMA_REL:.4f}) (gamma > 0), got {self.sigma_rel}")
+            object.__setattr__(self, "sigma_rel", sigma_rel)
+            object.__setattr__(self, "gamma", gamma_of(sigma_rel))
+            return
+        gamma = float(self.gamma)
+        if not 0.0 < gamma < math.inf:
+            raise ValueError(f"gamma must be a positive finite number, got {self.gamma}")
+        object.__setattr__(self, "gamma", gamma)
+        object.__setattr__(self, "sigma_rel", sigma_rel_of(gamma))
+
+    def __call__(self, t: int) -> float:
+        return 1.0 - (t / (t + 1)) ** (self.gamma + 1)
 
 
 def as_schedule(momentum: float | Schedule | None, decay: float | None) -> Schedule:

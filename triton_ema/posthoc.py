@@ -1,0 +1,186 @@
+"""Post-hoc EMA (EDM2, Karras et al. 2024): snapshots while training, any EMA length after.
+
+Train with power-function profiles (:class:`~triton_ema.schedules.PowerFunction`),
+call :func:`save_snapshot` every N steps, and after training :func:`synthesize`
+the EMA of any ``sigma_rel`` (or ``gamma``) as the least-squares combination of
+the snapshots (EDM2's Algorithm 3). Reads and writes files; knows no kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .schedules import PowerFunction
+
+__all__ = ["save_snapshot", "synthesize", "solve_weights"]
+
+FORMAT = "triton-ema-snapshot/1"
+PREFIX, SUFFIX = "snapshot-", ".pt"
+
+
+def save_snapshot(opt, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write every power-function profile's EMA (keyed like ``model.state_dict()``), with
+    its gamma and the time ``opt.num_steps``, to one file in ``folder``; returns its path.
+
+    ``dtype`` (float16, bfloat16, ...) makes the floating entries compact on disk;
+    None keeps the shadows' dtype. The file appears whole or not at all: it is
+    written beside its final name and renamed, so a crash leaves no file that
+    :func:`synthesize` would read."""
+    profiles = {name: s for name, s in opt.schedules.items() if isinstance(s, PowerFunction)}
+    if not profiles:
+        raise ValueError("save_snapshot() needs power-function profiles: momentum=schedules.PowerFunction(...) "
+                         f"or a dict of them; this EMA has {opt.schedules!r}")
+    if opt.interval != 1:
+        raise ValueError(f"post-hoc EMA needs an update every step (interval=1), got interval={opt.interval}")
+    if opt.num_steps == 0:
+        raise ValueError("save_snapshot() before the first step(): a snapshot's time must be >= 1")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    entries = []
+    for name, schedule in profiles.items():
+        state, averaged = opt._snapshot_state(name)
+        state = {k: _on_disk(v, dtype if k in averaged else None) for k, v in state.items()}
+        entries.append({"name": name, "gamma": schedule.gamma, "averaged": sorted(averaged), "state": state})
+    content = {"format": FORMAT, "run": opt.run_id, "time": opt.num_steps, "profiles": entries}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{PREFIX}{opt.num_steps:012d}{SUFFIX}"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(content, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _on_disk(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    if t.device.type == "meta" or type(t) is not Tensor:
+        raise TypeError(f"save_snapshot() takes plain tensors; got a {type(t).__name__} on {t.device} "
+                        "(sharded parameters are not supported yet)")
+    return t.detach().to("cpu", dtype or t.dtype, copy=True)
+
+
+def power_function_correlation(t_a: Tensor, g_a: Tensor, t_b: Tensor, g_b: Tensor) -> Tensor:
+    """Inner products of power-function profiles of lengths ``t`` and exponents ``g`` (EDM2 Algorithm 3)."""
+    ratio = t_a / t_b
+    exponent = torch.where(t_a < t_b, g_b, -g_a)
+    return (g_a + 1) * (g_b + 1) * ratio**exponent / ((g_a + g_b + 1) * torch.maximum(t_a, t_b))
+
+
+def solve_weights(times: Sequence[float], gammas: Sequence[float], time: float,
+                  targets: Sequence[float]) -> Tensor:
+    """EDM2's least-squares weights, float64, ``[len(times), len(targets)]``: column j
+    combines the snapshots into the profile of exponent ``targets[j]`` at ``time``;
+    each column is normalised to sum 1."""
+    t_in = torch.tensor(times, dtype=torch.float64)
+    g_in = torch.tensor(gammas, dtype=torch.float64)
+    t_out = torch.full((len(targets),), float(time), dtype=torch.float64)
+    g_out = torch.tensor(targets, dtype=torch.float64)
+    a = power_function_correlation(t_in[:, None], g_in[:, None], t_in[None, :], g_in[None, :])
+    b = power_function_correlation(t_in[:, None], g_in[:, None], t_out[None, :], g_out[None, :])
+    x = torch.linalg.solve(a, b)
+    return x / x.sum(0, keepdim=True)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A snapshot with its tensors memory-mapped (read from disk as they are used)."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable snapshot: {err}") from err
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a triton-ema snapshot (no format {FORMAT!r})")
+    for profile in content["profiles"]:
+        gamma = profile.get("gamma")
+        if not isinstance(gamma, float) or not gamma > 0:
+            raise ValueError(f"{path}: profile {profile.get('name')!r} is not a power function (gamma {gamma!r})")
+    return content
+
+
+def _snapshots(folder: Path, time: int | None) -> tuple[list[Path], list[dict], int]:
+    """The snapshot files to combine, their headers, and the target time."""
+    paths = sorted(folder.glob(f"{PREFIX}*{SUFFIX}")) if folder.is_dir() else []
+    if not paths:
+        raise FileNotFoundError(f"no snapshots ({PREFIX}*{SUFFIX}) in {folder}: call posthoc.save_snapshot() "
+                                "while training")
+    headers = [_read(p) for p in paths]
+    runs = {h["run"] for h in headers}
+    if len(runs) > 1:
+        by_run = {run: [p.name for p, h in zip(paths, headers) if h["run"] == run][:3] for run in runs}
+        raise ValueError(f"{folder} holds snapshots of {len(runs)} different runs; keep one run per folder: {by_run}")
+    last = max(h["time"] for h in headers)
+    time = last if time is None else int(time)
+    if not 0 < time <= last:
+        raise ValueError(f"time must lie in (0, {last}] (the last snapshot's time), got {time}")
+    kept = [(p, h) for p, h in zip(paths, headers) if h["time"] <= time]
+    if not kept:
+        raise ValueError(f"no snapshot in {folder} was taken at or before time {time}")
+    return [p for p, _ in kept], [h for _, h in kept], time
+
+
+def _targets(sigma_rel, gamma) -> tuple[list[float], bool]:
+    if (sigma_rel is None) == (gamma is None):
+        raise ValueError("synthesize() takes exactly one of sigma_rel and gamma")
+    given = sigma_rel if gamma is None else gamma
+    many = isinstance(given, Sequence)
+    values = list(given) if many else [given]
+    gammas = [PowerFunction(sigma_rel=v).gamma if gamma is None else PowerFunction(gamma=v).gamma for v in values]
+    return gammas, many
+
+
+def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | None = None,
+               gamma: float | Sequence[float] | None = None, time: int | None = None):
+    """The EMA of profile ``sigma_rel`` (or ``gamma``) at ``time`` (default: the last
+    snapshot's), combined from the snapshots in ``folder`` taken at or before ``time``:
+    a float32 state dict keyed like ``model.state_dict()``. A sequence of targets gives
+    a list of state dicts, all from one pass over the files.
+
+    Entries that are not averaged (integer buffers, buffers without ``update_buffers``)
+    come from the latest snapshot used. Memory: one float64 accumulator per target
+    and one snapshot, read from disk as it is used, whatever the number of snapshots."""
+    targets, many = _targets(sigma_rel, gamma)
+    paths, headers, time = _snapshots(Path(folder), time)
+    columns = [(h["time"], p["gamma"]) for h in headers for p in h["profiles"]]
+    if len(set(columns)) < len(columns):
+        raise ValueError(f"{folder} holds two snapshots of the same profile at the same time; keep one")
+    weights = solve_weights([c[0] for c in columns], [c[1] for c in columns], time, targets)
+    latest = max(range(len(headers)), key=lambda i: headers[i]["time"])
+    sums: list[dict[str, Tensor]] = [{} for _ in targets]
+    col = 0
+    for i, path in enumerate(paths):
+        content, headers[i] = headers[i], None  # the mapped file goes once it is summed
+        for profile in content["profiles"]:
+            _accumulate(sums, profile, weights[col], path, keep_rest=i == latest)
+            col += 1
+    out = [{k: v.to(torch.float32) if v.dtype == torch.float64 else v for k, v in s.items()} for s in sums]
+    return out if many else out[0]
+
+
+def _accumulate(sums: list[dict[str, Tensor]], profile: dict, weights: Tensor, path: Path, keep_rest: bool) -> None:
+    averaged = set(profile["averaged"])
+    for key, value in profile["state"].items():
+        for total, w in zip(sums, weights.tolist()):
+            if key not in averaged:
+                if keep_rest:
+                    total[key] = value.clone()
+                continue
+            acc = total.get(key)
+            if acc is None:
+                total[key] = acc = torch.zeros(value.shape, dtype=torch.float64)
+            elif acc.shape != value.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, earlier snapshots "
+                                 f"{tuple(acc.shape)}; snapshots of different models cannot be combined")
+            acc.add_(value.to(torch.float64), alpha=w)
+
