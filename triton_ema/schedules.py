@@ -256,9 +256,8 @@ class Recount:
 
 
 @dataclass(frozen=True)
-class Max:
-    """The larger momentum of two schedules at each step (the smaller decay):
-    ``Max(Cosine(...), Ramp())`` is a cosine that really warms up."""
+class _Pair:
+    """Two schedules, both checked."""
 
     first: Schedule
     second: Schedule
@@ -266,21 +265,20 @@ class Max:
     def __post_init__(self) -> None:
         _check_schedule("first", self.first)
         _check_schedule("second", self.second)
+
+
+@dataclass(frozen=True)
+class Max(_Pair):
+    """The larger momentum of two schedules at each step (the smaller decay):
+    ``Max(Cosine(...), Ramp())`` is a cosine that really warms up."""
 
     def __call__(self, t: int) -> float:
         return max(self.first(t), self.second(t))
 
 
 @dataclass(frozen=True)
-class Min:
+class Min(_Pair):
     """The smaller momentum of two schedules at each step (the larger decay)."""
-
-    first: Schedule
-    second: Schedule
-
-    def __post_init__(self) -> None:
-        _check_schedule("first", self.first)
-        _check_schedule("second", self.second)
 
     def __call__(self, t: int) -> float:
         return min(self.first(t), self.second(t))
