@@ -17,7 +17,6 @@ and its exact state rides in the checkpoint's ``optimizer`` entry.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,34 +27,11 @@ from mmengine.optim import OptimWrapper, OptimWrapperDict
 from mmengine.registry import HOOKS
 
 from ..optimizer import EMAOptimizer, attach
-from ..schedules import Constant, Cosine, Schedule
+from ..schedules import Constant, CopyUntil, Cosine, MomentumAnnealing, Schedule
 
 __all__ = ["TritonEMAHook"]
 
 EMA_TYPES = ("ExponentialMovingAverage", "MomentumAnnealingEMA", "CosineEMA")
-
-
-@dataclass(frozen=True)
-class _Annealing:
-    """MomentumAnnealingEMA's momentum: ``max(momentum, gamma / (gamma + t))``."""
-
-    momentum: float
-    gamma: float
-
-    def __call__(self, t: int) -> float:
-        return max(self.momentum, self.gamma / (self.gamma + t))
-
-
-@dataclass(frozen=True)
-class _MMEngineClock:
-    """mmengine's count: every step up to ``start`` copies the weights (EMAHook copies until its
-    first update, and that update copies too), later steps take ``schedule(t - start)``."""
-
-    schedule: Schedule
-    start: int
-
-    def __call__(self, t: int) -> float:
-        return 1.0 if t <= self.start else self.schedule(t - self.start)
 
 
 @HOOKS.register_module()
@@ -92,7 +68,7 @@ class TritonEMAHook(Hook):
         if self.ema_type == "ExponentialMovingAverage":
             schedule = Constant(self.momentum)
         elif self.ema_type == "MomentumAnnealingEMA":
-            schedule = _Annealing(self.momentum, self.gamma)
+            schedule = MomentumAnnealing(self.momentum, self.gamma)
         else:  # mmpretrain's CosineEMA, over the run's max_iters
             schedule = Cosine(self.momentum, self.end_momentum, total_steps=runner.max_iters)
         if self.begin_epoch:
@@ -103,7 +79,7 @@ class TritonEMAHook(Hook):
             raise ValueError(f"TritonEMAHook(interval={self.interval}) starts at iteration {start} (begin_iter / "
                              "begin_epoch), which must be a multiple of interval: mmengine counts the interval from "
                              "there, this EMA from the first step")
-        return _MMEngineClock(schedule, start)
+        return CopyUntil(schedule, start)
 
     def before_run(self, runner) -> None:
         # Training builds the optim wrapper before this hook and loads checkpoints after it. Testing or
@@ -146,7 +122,7 @@ class TritonEMAHook(Hook):
         # EMAHook's layout: the EMA in state_dict (deployable as it is), the training weights in ema_state_dict.
         model_state = checkpoint["state_dict"]
         ema = {k: v.detach().to(model_state[k].device, copy=True) for k, v in self.ema.ema_state_dict().items()}
-        start = self.ema.schedule.start
+        start = self.ema.schedule.step
         steps = torch.tensor(max(self.ema.num_steps - start, 0), dtype=torch.long)
         checkpoint["ema_state_dict"] = {"steps": steps, **{f"module.{k}": model_state[k] for k in ema}}
         model_state.update(ema)
