@@ -19,6 +19,7 @@ from triton_ema.schedules import (
     Ramp,
     Recount,
     Warmup,
+    device_schedule,
 )
 
 
@@ -197,6 +198,8 @@ ERRORS = [
     ("power function, sigma_rel too wide", lambda: PowerFunction(sigma_rel=0.3), ValueError,
      "sigma_rel must lie in \\(0, 0.2887\\) \\(gamma > 0\\), got 0.3"),
     ("power function, gamma 0", lambda: PowerFunction(gamma=0), ValueError, "gamma must be a positive finite number"),
+    ("user schedule on the device", lambda: device_schedule(lambda t: 0.1), TypeError,
+     "momentum schedule <lambda> cannot run on the device \\(capturable=True\\): it has no on_device\\(t\\)"),
     # post-hoc EMA
     ("snapshot of a constant EMA", snapshot_of(0.1), ValueError, "needs power-function profiles"),
     ("snapshot before a step", snapshot_of(PowerFunction(gamma=7.0), steps=0), ValueError, "before the first step"),

@@ -4,6 +4,11 @@ Each schedule is a frozen dataclass holding only its settings, so a resumed
 run gets the same momentum at the same step with nothing extra to save.
 Momentum is the weight of the new parameters: ``shadow += m * (param - shadow)``
 (``m = 1 - decay``).
+
+Every built-in schedule also evaluates on the device: ``schedule.on_device(t)``
+takes an int64 step tensor and returns the momentum as a float32 tensor beside
+it, with tensor ops only (no host sync), so that a captured CUDA graph advances
+the schedule at every replay (see :mod:`triton_ema.formulas`).
 """
 
 from __future__ import annotations
@@ -13,10 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 
+import torch
+
+from .formulas import Formula, device_schedule
+
 __all__ = [
     "Constant", "Warmup", "Cosine", "Power", "Ramp", "MomentumAnnealing",
     "CopyUntil", "HoldUntil", "Recount", "Max", "Min",
-    "PowerFunction", "Schedule", "as_schedule", "momentum_at",
+    "PowerFunction", "Schedule", "as_schedule", "momentum_at", "device_schedule",
 ]
 
 Schedule = Callable[[int], float]
@@ -48,13 +57,13 @@ def _check_schedule(name: str, schedule: Schedule) -> Schedule:
     return schedule
 
 
-def _warm_up_ramp(t: int, warm_up: int) -> float:
-    """mmcv's ramp ``(1 + t) / (warm_up + t)``; ``warm_up=0`` means no ramp."""
-    return math.inf if warm_up == 0 else (1 + t) / (warm_up + t)
+def _warm_up_ramp(t, warm_up: int):
+    """mmcv's ramp ``(1 + t) / (warm_up + t)``, for ``warm_up > 0`` (0 means no ramp)."""
+    return (1 + t) / (warm_up + t)
 
 
 @dataclass(frozen=True)
-class Constant:
+class Constant(Formula):
     """The same momentum at every step (mmengine, NeMo, ``AveragedModel``)."""
 
     momentum: float
@@ -62,12 +71,12 @@ class Constant:
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum", _check_unit("momentum", self.momentum, allow_zero=False))
 
-    def __call__(self, t: int) -> float:
+    def _momentum(self, t, xp):
         return self.momentum
 
 
 @dataclass(frozen=True)
-class Warmup:
+class Warmup(Formula):
     """mmcv ``EMAHook``: ``min(momentum, (1 + t) / (warm_up + t))``.
 
     Bit-exact with mmcv, whose ramp only ever *lowers* the momentum (the EMA
@@ -84,12 +93,12 @@ class Warmup:
         object.__setattr__(self, "momentum", _check_unit("momentum", self.momentum, allow_zero=False))
         object.__setattr__(self, "warm_up", _check_warm_up(self.warm_up))
 
-    def __call__(self, t: int) -> float:
-        return min(self.momentum, _warm_up_ramp(t, self.warm_up))
+    def _momentum(self, t, xp):
+        return self.momentum if self.warm_up == 0 else xp.min(_warm_up_ramp(t, self.warm_up), self.momentum)
 
 
 @dataclass(frozen=True)
-class Cosine:
+class Cosine(Formula):
     """mmpretrain ``CosineEMA``: momentum goes from ``momentum`` to
     ``end_momentum`` along a half cosine over ``total_steps`` steps, then stays.
     With ``warm_up > 0`` it is also capped by the :class:`Warmup` ramp."""
@@ -108,15 +117,15 @@ class Cosine:
         object.__setattr__(self, "total_steps", int(self.total_steps))
         object.__setattr__(self, "warm_up", _check_warm_up(self.warm_up))
 
-    def __call__(self, t: int) -> float:
+    def _momentum(self, t, xp):
         k = self.total_steps
         m, e = self.momentum, self.end_momentum
-        cosine = e - (e - m) * (math.cos(math.pi * min(t, k) / k) + 1) / 2
-        return min(cosine, _warm_up_ramp(t, self.warm_up))
+        cosine = e - (e - m) * (xp.cos(math.pi * xp.min(t, k) / k) + 1) / 2
+        return cosine if self.warm_up == 0 else xp.min(cosine, _warm_up_ramp(t, self.warm_up))
 
 
 @dataclass(frozen=True)
-class Power:
+class Power(Formula):
     """Power-law warm-up of timm ``ModelEmaV3``, ema-pytorch and diffusers:
     ``decay_t = clamp(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)``,
     momentum ``1 - decay_t``. ``power=2/3`` suits long runs, ``3/4`` short ones."""
@@ -141,13 +150,13 @@ class Power:
         for name, value in settings.items():
             object.__setattr__(self, name, value)
 
-    def __call__(self, t: int) -> float:
+    def _momentum(self, t, xp):
         decay_t = 1.0 - (1.0 + t / self.inv_gamma) ** -self.power
-        return 1.0 - min(max(decay_t, self.min_decay), self.decay)
+        return 1.0 - xp.min(xp.max(decay_t, self.min_decay), self.decay)
 
 
 @dataclass(frozen=True)
-class Ramp:
+class Ramp(Formula):
     """The TensorFlow decay ramp of ``torch_ema`` and diffusers (without
     ``use_ema_warmup``): ``decay_t = clamp((1 + t) / (10 + t), min_decay, decay)``,
     momentum ``1 - decay_t``. It starts at momentum 0.9 and falls like
@@ -170,12 +179,12 @@ class Ramp:
         object.__setattr__(self, "decay", decay)
         object.__setattr__(self, "min_decay", min_decay)
 
-    def __call__(self, t: int) -> float:
-        return 1.0 - max(min((1 + t) / (10 + t), self.decay), self.min_decay)
+    def _momentum(self, t, xp):
+        return 1.0 - xp.max(xp.min((1 + t) / (10 + t), self.decay), self.min_decay)
 
 
 @dataclass(frozen=True)
-class MomentumAnnealing:
+class MomentumAnnealing(Formula):
     """mmengine ``MomentumAnnealingEMA``: ``max(momentum, gamma / (gamma + t))``.
     The first update (t = 0) copies the weights; the momentum then falls like
     ``gamma / (gamma + t)`` until it reaches ``momentum``. mmengine's ``t``
@@ -190,8 +199,8 @@ class MomentumAnnealing:
         if isinstance(gamma, bool) or not isinstance(gamma, Real) or not gamma > 0 or math.isinf(gamma):
             raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
 
-    def __call__(self, t: int) -> float:
-        return max(self.momentum, self.gamma / (self.gamma + t))
+    def _momentum(self, t, xp):
+        return xp.max(self.gamma / (self.gamma + t), self.momentum)
 
 
 @dataclass(frozen=True)
@@ -215,6 +224,9 @@ class CopyUntil:
     def __call__(self, t: int) -> float:
         return 1.0 if t <= self.step else self.schedule(t - self.step)
 
+    def on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t <= self.step, 1.0, self.schedule.on_device((t - self.step).clamp_min(0)))
+
 
 @dataclass(frozen=True)
 class HoldUntil:
@@ -232,6 +244,9 @@ class HoldUntil:
 
     def __call__(self, t: int) -> float:
         return 0.0 if t < self.step else self.schedule(t)
+
+    def on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t < self.step, 0.0, self.schedule.on_device(t))
 
 
 @dataclass(frozen=True)
@@ -254,6 +269,9 @@ class Recount:
     def __call__(self, t: int) -> float:
         return self.schedule(t // self.every + self.start)
 
+    def on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.on_device(t // self.every + self.start)
+
 
 @dataclass(frozen=True)
 class _Pair:
@@ -275,6 +293,9 @@ class Max(_Pair):
     def __call__(self, t: int) -> float:
         return max(self.first(t), self.second(t))
 
+    def on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(self.first.on_device(t), self.second.on_device(t))
+
 
 @dataclass(frozen=True)
 class Min(_Pair):
@@ -282,6 +303,9 @@ class Min(_Pair):
 
     def __call__(self, t: int) -> float:
         return min(self.first(t), self.second(t))
+
+    def on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(self.first.on_device(t), self.second.on_device(t))
 def sigma_rel_of(gamma: float) -> float:
     """EDM2's relative standard deviation of the power-function profile with exponent ``gamma`` (Eq. 123)."""
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
@@ -302,7 +326,7 @@ _MAX_SIGMA_REL = sigma_rel_of(0.0)  # gamma > 0: the profile weighs later steps 
 
 
 @dataclass(frozen=True)
-class PowerFunction:
+class PowerFunction(Formula):
     """The power-function EMA of EDM2 (Karras et al. 2024): momentum at step t is
     ``1 - (t / (t + 1)) ** (gamma + 1)``, so the first update copies the params and the
     EMA after T steps weighs step t's params in proportion to ``t ** gamma``.
@@ -327,7 +351,7 @@ class PowerFunction:
         object.__setattr__(self, "gamma", gamma)
         object.__setattr__(self, "sigma_rel", sigma_rel_of(gamma))
 
-    def __call__(self, t: int) -> float:
+    def _momentum(self, t, xp):
         return 1.0 - (t / (t + 1)) ** (self.gamma + 1)
 
 
