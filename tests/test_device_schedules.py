@@ -172,21 +172,17 @@ def test_one_tree_of_every_kind_under_torch_compile_fullgraph():
 def test_a_captured_cuda_graph_advances_the_schedule_at_every_replay():
     step = torch.zeros((), dtype=torch.int64, device="cuda")
     momenta = torch.full((60,), -1.0, device="cuda")
-    torch.cuda.set_sync_debug_mode("error")  # any host sync in the evaluation raises
+    torch.cuda.set_sync_debug_mode("error")  # a host sync or a blocking host copy raises
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graph asks
-            EVERY_KIND.on_device(step)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            momenta.index_copy_(0, step.view(1), EVERY_KIND.on_device(step).view(1))
-            step.add_(1)
-        for _ in range(60):
-            graph.replay()
+        EVERY_KIND.on_device(step)  # eager, and the warm-up before capture
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.set_sync_debug_mode("default")  # torch.cuda.graph() itself synchronizes before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a sync or a host read while capturing raises too
+        momenta.index_copy_(0, step.view(1), EVERY_KIND.on_device(step).view(1))
+        step.add_(1)
+    for _ in range(60):
+        graph.replay()
     assert step.item() == 60
     assert_ulps(momenta, float64([EVERY_KIND(t) for t in range(60)]), ulps=1)
 

@@ -9,8 +9,8 @@ host-to-device copy. A captured CUDA graph that increments the counter thus
 advances the schedule at every replay.
 
 Accuracy: the device evaluates the same formula in float64 and rounds it
-once to float32, so it is within one float32 ulp of ``float32(schedule(t))``
-(on the CPU the two are equal in the tests, for steps below 2**53).
+once to float32, so it is within one float32 ulp of ``schedule(t)`` (for
+steps below 2**53, which float64 holds exactly).
 """
 
 from __future__ import annotations
