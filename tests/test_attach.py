@@ -93,6 +93,35 @@ def test_grad_scaler_skipped_step_updates_nothing():
     assert ema.num_steps == 1 and not bitwise_equal(ema_values(ema), before)
 
 
+def test_fp16_autocast_with_grad_scaler_matches_a_reference_of_the_steps_taken(backend):
+    # Mixed precision as accelerate and Lightning run it: float16 autocast, a GradScaler, float32 weights.
+    model, base, ema = build(backend=backend)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**8)
+    reference = [p.detach().double().clone() for p in model.parameters()]
+    taken, skipped = 0, []
+    for t, (x, y) in enumerate(batches(7, device=DEVICE)):
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            loss = (model(x).float() - y).square().mean()
+        scaler.scale(loss).backward()
+        if t == 3:
+            next(model.parameters()).grad.fill_(float("inf"))  # an overflow: GradScaler skips the step
+        before, scale = ema_values(ema), scaler.get_scale()
+        scaler.step(base)
+        scaler.update()
+        base.zero_grad()
+        if scaler.get_scale() < scale:  # the scaler's own verdict: this step was skipped
+            skipped.append(t)
+            assert bitwise_equal(ema_values(ema), before)
+            continue
+        if taken % 2 == 0:  # interval=2 over the steps taken; the schedule's t counts them too
+            m = SCHEDULE(taken)
+            reference = [s + m * (p.detach().double() - s) for s, p in zip(reference, model.parameters())]
+        taken += 1
+    assert skipped == [3] and ema.num_steps == taken == 6
+    for s, r in zip(ema.state_dict()["ema"]["shadow"].values(), reference):
+        assert_ulps(s, r, scale=r.abs().max().expand_as(r), ulps=8)
+
+
 @pytest.mark.parametrize("stop", [1, 4])
 def test_resume_through_the_optimizers_own_state_dict_is_bitwise(stop):
     data = batches(7, device=DEVICE)

@@ -94,15 +94,17 @@ def test_resume_from_checkpoint_ends_bitwise_where_the_uninterrupted_run_ends(tr
         assert all(torch.equal(v, trained["final"][key][k]) for k, v in state.items()), key
 
 
-def launch(script, out, mixed_precision="no"):
+def launch(script, out, mixed_precision="no", gpus=0):
+    """``script`` under ``accelerate launch``: on 2 CPU processes, or on ``gpus`` GPUs."""
     # accelerate's --cpu launcher needs mpirun for more than one process; its torchrun launcher
     # with ACCELERATE_USE_CPU starts CPU ranks on gloo.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script), str(out)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    processes = ["--num_processes", str(gpus)] if gpus else ["--multi_gpu", "--num_processes", "2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *processes, "--num_machines", "1",
+           "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script), str(out)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "false" if gpus else "true"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(gpus or 2)]
 
 
 def test_trainer_ddp_on_two_cpu_processes_keeps_identical_emas(tmp_path):
@@ -120,7 +122,25 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, mixed_precision):
         assert all(torch.equal(ranks[0][key][k], ranks[1][key][k]) for k in ranks[0][key]), key
     for rank in ranks:
         assert rank["world_size"] == 2 and rank["distributed"] == "MULTI_CPU" and rank["steps"] == 8
+        assert not rank["scaler"] and rank["skipped"] == []
         assert_close_to(rank["reference"], rank["ema"].values())
         # save_state / load_state mid-run, then the same steps: bitwise where the uninterrupted run ended.
         assert all(torch.equal(rank["resumed_ema"][k], v) for k, v in rank["ema"].items())
         assert all(torch.equal(rank["resumed_model"][k], v) for k, v in rank["model"].items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=(
+    "needs a CUDA GPU: on CPU, accelerate 1.x accepts mixed_precision='fp16' but neither autocasts nor builds a "
+    "GradScaler (Accelerator.native_amp stays False), so no step is scaled or skipped; the same guarantee on CPU "
+    "(float16 autocast, torch.amp.GradScaler('cpu'), attach) is tests/test_attach.py::"
+    "test_fp16_autocast_with_grad_scaler_matches_a_reference_of_the_steps_taken"))
+def test_accelerate_fp16_skipped_step_updates_no_ema(tmp_path):
+    rank = launch(Path(__file__).with_name("accelerate_loop.py"), tmp_path, "fp16", gpus=1)[0]
+    assert rank["mixed_precision"] == "fp16" and rank["scaler"]
+    (skipped,) = rank["skipped"]  # the step given an infinite gradient, and no other
+    assert skipped["step"] == 2
+    assert all(torch.equal(skipped["after"][k], v) for k, v in skipped["before"].items())
+    assert rank["steps"] == 2 * rank["steps_per_epoch"] - 1  # the EMA counts the steps taken
+    assert_close_to(rank["reference"], rank["ema"].values())  # a float64 EMA of the steps taken
+    assert all(torch.equal(rank["resumed_ema"][k], v) for k, v in rank["ema"].items())
+    assert all(torch.equal(rank["resumed_model"][k], v) for k, v in rank["model"].items())
