@@ -1,4 +1,4 @@
-"""Triton kernels for EMA over a flat bucket: update, swap, copy.
+"""Triton kernels for EMA over a flat bucket: update (K profiles in one pass), swap, copy.
 
 Every kernel walks a segment table of int64 rows ``(param address, offset in
 the flat buffer, length)``, one program per row. Rows ``< n_full`` are full,
@@ -58,24 +58,30 @@ def _store(ptr, idx, n, x, FULL: tl.constexpr):
 
 
 @triton.jit
-def _update_row(table_ptr, shadow_ptr, param_type_ptr, momentum, pid, BLOCK: tl.constexpr, FULL: tl.constexpr):
+def _update_row(table_ptr, shadow_ptr, param_type_ptr, momenta, row_stride, pid, BLOCK: tl.constexpr,
+                PROFILES: tl.constexpr, FULL: tl.constexpr):
     p_ptr, s_ptr, n = _segment(table_ptr, shadow_ptr, param_type_ptr, pid, FULL)
     idx = tl.arange(0, BLOCK)
-    p = _load(p_ptr, idx, n, FULL).to(tl.float32)
-    s = _load(s_ptr, idx, n, FULL).to(tl.float32)
-    d = p - s
-    # Two-sided lerp: exact at momentum 0 and 1, stable in between.
-    if momentum < 0.5:
-        out = s + momentum * d
-    else:
-        out = p - d * (1.0 - momentum)
-    _store(s_ptr, idx, n, out, FULL)
+    p = _load(p_ptr, idx, n, FULL).to(tl.float32)  # read once for every profile
+    for k in tl.static_range(PROFILES):
+        momentum = momenta[k]
+        sk_ptr = s_ptr + k * row_stride.to(tl.int64)  # int64: K rows of a large bucket pass 2**31
+        s = _load(sk_ptr, idx, n, FULL).to(tl.float32)
+        d = p - s
+        # Two-sided lerp: exact at momentum 0 and 1, stable in between.
+        if momentum < 0.5:
+            out = s + momentum * d
+        else:
+            out = p - d * (1.0 - momentum)
+        _store(sk_ptr, idx, n, out, FULL)
 
 
-@triton.jit(do_not_specialize=["momentum", "n_full"])
-def _ema_update_kernel(table_ptr, shadow_ptr, param_type_ptr, skip_ptr, momentum, n_full, BLOCK: tl.constexpr,
-                       CHECK_SKIP: tl.constexpr):
-    """``shadow <- shadow + momentum * (param - shadow)`` in float32; with
+@triton.jit(do_not_specialize=["n_full"])
+def _ema_update_kernel(table_ptr, shadow_ptr, param_type_ptr, skip_ptr, momenta, row_stride, n_full,
+                       BLOCK: tl.constexpr, PROFILES: tl.constexpr, CHECK_SKIP: tl.constexpr):
+    """For each of ``PROFILES`` shadow rows (``row_stride`` elements apart, a multiple
+    of 16), ``shadow_k <- shadow_k + momenta[k] * (param - shadow_k)`` in float32,
+    each param element loaded once; ``momenta`` is a tuple of run-time floats. With
     ``CHECK_SKIP``, nothing is written when ``*skip_ptr`` is non-zero."""
     pid = tl.program_id(0).to(tl.int64)
     skip = 0
@@ -83,9 +89,9 @@ def _ema_update_kernel(table_ptr, shadow_ptr, param_type_ptr, skip_ptr, momentum
         skip = tl.load(skip_ptr)
     if skip == 0:
         if pid < n_full:
-            _update_row(table_ptr, shadow_ptr, param_type_ptr, momentum, pid, BLOCK, True)
+            _update_row(table_ptr, shadow_ptr, param_type_ptr, momenta, row_stride, pid, BLOCK, PROFILES, True)
         else:
-            _update_row(table_ptr, shadow_ptr, param_type_ptr, momentum, pid, BLOCK, False)
+            _update_row(table_ptr, shadow_ptr, param_type_ptr, momenta, row_stride, pid, BLOCK, PROFILES, False)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ def accesses(ptx):
     return out
 
 
-def compile_ptx(kernel, flat_type, param_type, extra_sig, constexprs):
+def compile_ptx(kernel, flat_type, param_type, extra_sig, constexprs, aligned=()):
     names = kernel.arg_names
     signature = {names[0]: "*i64", names[1]: "*" + flat_type, "param_type_ptr": "*" + param_type,
                  **extra_sig, **{k: "constexpr" for k in constexprs}}
@@ -38,27 +38,32 @@ def compile_ptx(kernel, flat_type, param_type, extra_sig, constexprs):
         signature = {names[0]: "*i64", names[1]: "*" + param_type, names[2]: "*" + flat_type,
                      **extra_sig, **{k: "constexpr" for k in constexprs}}
     assert list(signature) == names, f"update the probe for {names}"
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(3)}  # as Triton specialises torch allocations
+    # As Triton specialises torch allocations, and integers that are multiples of 16 (the row stride).
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, *(names.index(a) for a in aligned))}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": NUM_WARPS}).asm["ptx"]
 
 
-def specialisation_keys(kernel, args_list):
+def specialisation_keys(kernel, args_list, **constexprs):
     binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(TARGET))
-    return sorted({repr(binder(*args, BLOCK=BLOCK, CHECK_SKIP=False)[1]) for args in args_list})
+    return sorted({repr(binder(*args, BLOCK=BLOCK, CHECK_SKIP=False, **constexprs)[1]) for args in args_list})
+
+
+def update_ptx(s_type, p_type, profiles, check_skip):
+    signature = {"skip_ptr": "*i32", "momenta": ("fp32",) * profiles, "row_stride": "i64", "n_full": "i64"}
+    constexprs = {"BLOCK": BLOCK, "PROFILES": profiles, "CHECK_SKIP": check_skip}
+    return accesses(compile_ptx(ema._ema_update_kernel, s_type, p_type, signature, constexprs, aligned=["row_stride"]))
 
 
 def main():
-    report = {"block": BLOCK, "num_warps": NUM_WARPS, "update": {}, "update_checked": {}, "swap": {}, "copy": {},
-              "nonfinite": {}}
+    report = {"block": BLOCK, "num_warps": NUM_WARPS, "update": {}, "update_checked": {}, "update_4_profiles": {},
+              "swap": {}, "copy": {}, "nonfinite": {}}
     for p_dtype, p_type in TYPES.items():
         for s_dtype, s_type in TYPES.items():
             pair = f"{p_type}/{s_type}"
-            update_sig = {"skip_ptr": "*i32", "momentum": "fp32", "n_full": "i64"}
-            report["update"][pair] = accesses(compile_ptx(
-                ema._ema_update_kernel, s_type, p_type, update_sig, {"BLOCK": BLOCK, "CHECK_SKIP": False}))
-            report["update_checked"][pair] = accesses(compile_ptx(
-                ema._ema_update_kernel, s_type, p_type, update_sig, {"BLOCK": BLOCK, "CHECK_SKIP": True}))
+            report["update"][pair] = update_ptx(s_type, p_type, 1, False)
+            report["update_checked"][pair] = update_ptx(s_type, p_type, 1, True)
+            report["update_4_profiles"][pair] = update_ptx(s_type, p_type, 4, True)
             for to_params in (False, True):
                 report["copy"][f"{pair}/{'to_params' if to_params else 'to_flat'}"] = accesses(compile_ptx(
                     ema._ema_copy_kernel, s_type, p_type, {"n_full": "i64"}, {"BLOCK": BLOCK, "TO_PARAMS": to_params}))
@@ -70,7 +75,11 @@ def main():
                     ema._ema_swap_kernel, s_type, p_type, {"n_full": "i64"}, {"BLOCK": BLOCK}))
     table, shadow, param = torch.zeros(6, dtype=torch.int64), torch.zeros(32), torch.zeros(32, dtype=torch.bfloat16)
     report["update_keys"] = specialisation_keys(ema._ema_update_kernel, [
-        (table, shadow, param, table, m, n) for m in (0.0, 1e-4, 0.5, 1.0) for n in (0, 1, 16, 1000)])
+        (table, shadow, param, table, (m,), stride, n) for m in (0.0, 1e-4, 0.5, 1.0) for n in (0, 1, 16, 1000)
+        for stride in (16, 4096, 2**20 + 16)], PROFILES=1)
+    report["update_keys_2_profiles"] = specialisation_keys(ema._ema_update_kernel, [
+        (table, shadow, param, table, (m, 1 - m), 32, n) for m in (0.0, 1e-4, 0.5, 1.0) for n in (0, 1, 16, 1000)],
+        PROFILES=2)
     report["triton"] = triton.__version__
     json.dump(report, sys.stdout)
 

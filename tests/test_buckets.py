@@ -9,7 +9,7 @@ from triton_ema.buckets import ALIGN, build_buckets, default_shadow_dtype, is_de
 def test_grouping_by_dtype_and_default_shadow_dtypes():
     tensors = [torch.zeros(3), torch.zeros(5, dtype=torch.bfloat16), torch.zeros(2), torch.zeros(4, dtype=torch.float64)]
     buckets, where = build_buckets(tensors, list("abcd"), None, None)
-    assert [(b.param_dtype, b.shadow.dtype, b.names) for b in buckets] == [
+    assert [(b.param_dtype, b.shadows.dtype, b.names) for b in buckets] == [
         (torch.float32, torch.float32, ["a", "c"]),
         (torch.bfloat16, torch.float32, ["b"]),
         (torch.float64, torch.float64, ["d"]),
@@ -22,7 +22,7 @@ def test_offsets_are_aligned_and_views_do_not_overlap():
     sizes = [1, 15, 16, 17, 0, 1000]
     (bucket,), _ = build_buckets([torch.zeros(n) for n in sizes], [str(n) for n in sizes], None, None)
     assert all(off % ALIGN == 0 for off in bucket.offsets)
-    marks = torch.zeros(bucket.shadow.numel(), dtype=torch.int32)
+    marks = torch.zeros(bucket.shadows.shape[1], dtype=torch.int32)
     for view in bucket.views_of(marks):
         view += 1
     assert marks.max() == 1 and int(marks.sum()) == sum(sizes)
@@ -45,9 +45,21 @@ def test_is_dense(make, dense):
 def test_views_follow_the_tensors_memory_order():
     t = torch.arange(24.0).reshape(2, 3, 4).permute(2, 0, 1)  # dense, not contiguous
     (bucket,), _ = build_buckets([t], ["t"], None, None)
-    bucket.views[0].copy_(t)
-    assert bucket.views[0].stride() == t.stride()
-    assert torch.equal(bucket.shadow[:24], torch.arange(24.0))  # the same order as t's storage
+    bucket.profile_views[0][0].copy_(t)
+    assert bucket.profile_views[0][0].stride() == t.stride()
+    assert torch.equal(bucket.shadows[0, :24], torch.arange(24.0))  # the same order as t's storage
+
+
+def test_profiles_are_rows_laid_out_alike():
+    t = torch.arange(24.0).reshape(2, 3, 4).permute(2, 0, 1)
+    tensors = [torch.zeros(5), t]
+    (bucket,), _ = build_buckets(tensors, ["a", "t"], None, None, profiles=3)
+    assert bucket.shadows.shape == (3, ALIGN + 32) and len(bucket.rows) == 3
+    for k in range(3):
+        bucket.profile_views[k][1].copy_(t + k)
+        assert bucket.profile_views[k][1].stride() == t.stride()
+        assert torch.equal(bucket.shadows[k, ALIGN : ALIGN + 24], torch.arange(24.0) + k)
+        assert bucket.views_for(bucket.rows[k]) is bucket.profile_views[k]
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["data_ptr-pass", "torch-c++-loop"])

@@ -38,15 +38,16 @@ def make_tensors(sizes, dtype, seed=0):
     return out
 
 
-def triton_bucket(tensors, shadow_dtype, seed=1):
+def triton_bucket(tensors, shadow_dtype, seed=1, profiles=1):
     from triton_ema.triton_backend import TritonBackend
 
-    (bucket,), _ = build_buckets(tensors, [f"t{i}" for i in range(len(tensors))], shadow_dtype, None)
+    (bucket,), _ = build_buckets(tensors, [f"t{i}" for i in range(len(tensors))], shadow_dtype, None, profiles)
     bucket.backend = TritonBackend()
     g = torch.Generator().manual_seed(seed)
-    bucket.shadow.fill_(float("nan"))  # padding stays poisoned: no kernel may read it into a result
-    for view in bucket.views:
-        view.copy_(torch.randn(view.shape, generator=g))
+    bucket.shadows.fill_(float("nan"))  # padding stays poisoned: no kernel may read it into a result
+    for views in bucket.profile_views:
+        for view in views:
+            view.copy_(torch.randn(view.shape, generator=g))
     return bucket
 
 
@@ -64,18 +65,33 @@ UPDATE_CASES = [pytest.param(c.values[0], m, id=f"{c.id}-m{m}") for c in CASES f
                 if m == 0.5 or c.values[0] != [2**20 + 3]]
 
 
+def check_update(bucket, params, momenta):
+    """One update of every profile, against float64; the params stay untouched."""
+    before = [[v.clone() for v in views] for views in bucket.profile_views]
+    kept = [p.clone() for p in params]
+    bucket.backend.update(bucket, momenta)
+    for views, olds, m in zip(bucket.profile_views, before, momenta):
+        for s, old, p in zip(views, olds, params):
+            p64, s64 = p.double(), old.double()
+            assert_ulps(s, s64 + m * (p64 - s64), scale=torch.maximum(p64.abs(), s64.abs()))
+    assert all(torch.equal(p, q) for p, q in zip(params, kept))
+
+
 @pytest.mark.parametrize("sizes, momentum", UPDATE_CASES)
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
 def test_update(sizes, momentum, pair):
     p_dtype, s_dtype = pair
     params = make_tensors(sizes, p_dtype)
-    bucket = triton_bucket(params, s_dtype)
-    s0 = [v.clone() for v in bucket.views]
-    bucket.backend.update(bucket, momentum)
-    for s, old, p in zip(bucket.views, s0, params):
-        p64, s64 = p.double(), old.double()
-        assert_ulps(s, s64 + momentum * (p64 - s64), scale=torch.maximum(p64.abs(), s64.abs()))
-    assert all(torch.equal(p, q) for p, q in zip(params, make_tensors(sizes, p_dtype)))  # params untouched
+    check_update(triton_bucket(params, s_dtype), params, [momentum])
+
+
+@pytest.mark.parametrize("sizes", [c for c in CASES if c.values[0] != [2**20 + 3]])
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_update_of_several_profiles_in_one_launch(sizes, pair):
+    """K = 4 shadow rows, each with its own momentum (both sides of 0.5, and 0 and 1)."""
+    p_dtype, s_dtype = pair
+    params = make_tensors(sizes, p_dtype)
+    check_update(triton_bucket(params, s_dtype, profiles=4), params, [2e-4, 0.9, 0.0, 1.0])
 
 
 @pytest.mark.parametrize("sizes", CASES)
@@ -83,12 +99,13 @@ def test_update(sizes, momentum, pair):
 def test_exchange_is_bitwise(sizes, dtype):
     params = make_tensors(sizes, dtype)
     p0 = [p.clone() for p in params]
-    bucket = triton_bucket(params, dtype)
-    s0 = [v.clone() for v in bucket.views]
-    bucket.backend.exchange(bucket)
-    assert all(torch.equal(p, s) for p, s in zip(params, s0))
-    assert all(torch.equal(v, p) for v, p in zip(bucket.views, p0))
-    bucket.backend.exchange(bucket)
+    bucket = triton_bucket(params, dtype, profiles=2)
+    s0 = [[v.clone() for v in views] for views in bucket.profile_views]
+    bucket.backend.exchange(bucket, 1)  # the second profile; the first stays as it was
+    assert all(torch.equal(p, s) for p, s in zip(params, s0[1]))
+    assert all(torch.equal(v, p) for v, p in zip(bucket.profile_views[1], p0))
+    assert all(torch.equal(v, s) for v, s in zip(bucket.profile_views[0], s0[0]))
+    bucket.backend.exchange(bucket, 1)
     assert all(torch.equal(p, q) for p, q in zip(params, p0))
 
 
@@ -97,18 +114,18 @@ def test_exchange_is_bitwise(sizes, dtype):
 def test_copy_both_ways_rounds_like_torch(sizes, pair):
     p_dtype, s_dtype = pair
     params = make_tensors(sizes, p_dtype)
-    bucket = triton_bucket(params, s_dtype)
-    s0 = [v.clone() for v in bucket.views]
+    bucket = triton_bucket(params, s_dtype, profiles=2)
+    s0 = [v.clone() for v in bucket.profile_views[1]]
     for p in params:
         p.fill_(float("nan"))  # poison: every element must be written
-    bucket.backend.shadow_to_params(bucket)
+    bucket.backend.shadow_to_params(bucket, 1)
     assert all(torch.equal(p, s.to(p_dtype)) for p, s in zip(params, s0))
     fresh = make_tensors(sizes, p_dtype, seed=3)
     for p, f in zip(params, fresh):
         p.copy_(f)
-    bucket.shadow.fill_(float("nan"))
-    bucket.backend.params_to_shadow(bucket)
-    assert all(torch.equal(v, f.to(s_dtype)) for v, f in zip(bucket.views, fresh))
+    bucket.shadows.fill_(float("nan"))
+    bucket.backend.params_to_shadow(bucket)  # every profile
+    assert all(torch.equal(v, f.to(s_dtype)) for views in bucket.profile_views for v, f in zip(views, fresh))
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
@@ -116,24 +133,25 @@ def test_triton_and_torch_agree_within_one_ulp(pair):
     p_dtype, s_dtype = pair
     sizes = mixed_sizes(40, seed=2)
     params = make_tensors(sizes, p_dtype)
-    a, b = triton_bucket(params, s_dtype), triton_bucket(params, s_dtype)
+    a, b = triton_bucket(params, s_dtype, profiles=2), triton_bucket(params, s_dtype, profiles=2)
     b.backend = TorchBackend()
-    for m in (3e-3, 0.5, 0.7):
-        inputs = [torch.maximum(s.abs(), p.abs()).double() for s, p in zip(a.views, params)]
-        a.backend.update(a, m)
-        b.backend.update(b, m)
-        for x, y, scale in zip(a.views, b.views, inputs):
-            assert_ulps(x, y.double(), scale=scale, ulps=1)
-        b.shadow.copy_(a.shadow)  # the next round starts both from the same shadows
+    for momenta in ((3e-3, 0.5), (0.5, 0.7), (0.7, 3e-3)):
+        inputs = [[torch.maximum(s.abs(), p.abs()).double() for s, p in zip(views, params)] for views in a.profile_views]
+        a.backend.update(a, momenta)
+        b.backend.update(b, momenta)
+        for k in range(2):
+            for x, y, scale in zip(a.profile_views[k], b.profile_views[k], inputs[k]):
+                assert_ulps(x, y.double(), scale=scale, ulps=1)
+        b.shadows.copy_(a.shadows)  # the next round starts both from the same shadows
 
 
 def test_dense_non_contiguous_params():
     params = [torch.randn(6, 5, device=DEVICE).t(), torch.randn(2, 3, 4, 5, device=DEVICE).to(
         memory_format=torch.channels_last)]
     bucket = triton_bucket(params, torch.float32)
-    s0 = [v.clone() for v in bucket.views]
-    bucket.backend.update(bucket, 0.25)
-    for s, old, p in zip(bucket.views, s0, params):
+    s0 = [v.clone() for v in bucket.profile_views[0]]
+    bucket.backend.update(bucket, [0.25])
+    for s, old, p in zip(bucket.profile_views[0], s0, params):
         assert s.stride() == p.stride()
         assert_ulps(s, old.double() + 0.25 * (p.double() - old.double()), scale=torch.maximum(old.abs(), p.abs()))
 
@@ -170,8 +188,9 @@ def test_full_chunks_compile_to_128_bit_accesses(ptx_report, pair):
     p_dtype, s_dtype = pair
     ep, es = p_dtype.itemsize, s_dtype.itemsize
     key = pair_id(pair).replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16").replace("-", "/")
-    ld, st = _vector_counts(ptx_report, [ep + es, es])
-    for variant in ("update", "update_checked"):  # without and with skip_nonfinite
+    # without and with skip_nonfinite, and 4 profiles: the param read once, 4 shadows read and written
+    for variant, k in (("update", 1), ("update_checked", 1), ("update_4_profiles", 4)):
+        ld, st = _vector_counts(ptx_report, [ep + k * es, k * es])
         upd = ptx_report[variant][key]
         assert (upd["ld"].get("128"), upd["st"].get("128")) == (ld, st)
     if s_dtype == torch.float32:
@@ -186,8 +205,10 @@ def test_full_chunks_compile_to_128_bit_accesses(ptx_report, pair):
 
 
 def test_changing_momentum_and_table_length_never_recompile(ptx_report):
-    # One specialisation key for every momentum and table length: one compiled kernel per dtype pair.
+    # One specialisation key for every momentum, table length and bucket size: one compiled kernel
+    # per dtype pair and number of profiles.
     assert len(ptx_report["update_keys"]) == 1
+    assert len(ptx_report["update_keys_2_profiles"]) == 1
 
 
 def test_auto_picks_triton_only_for_cuda(monkeypatch):

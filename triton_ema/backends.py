@@ -2,7 +2,8 @@
 
 A backend implements three primitives on a bucket (``update``, ``exchange``,
 ``copy``); the jobs the optimizer needs (swap in/out, params <-> shadow) are
-built from them here, once, for every backend. :func:`select_backend` is the
+built from them here, once, for every backend. A bucket holds one shadow row
+per EMA profile: ``update`` moves all of them in one pass over the params. :func:`select_backend` is the
 one place that picks a backend for a bucket.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import abc
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,51 +29,57 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def update(self, bucket: Bucket, momentum: float, skip: Tensor | None = None) -> None:
-        """``shadow <- shadow + momentum * (param - shadow)``, in float32 or wider;
-        nothing changes where the device scalar ``skip`` is non-zero."""
+    def update(self, bucket: Bucket, momenta: Sequence[float], skip: Tensor | None = None) -> None:
+        """For every profile k, ``shadow_k <- shadow_k + momenta[k] * (param - shadow_k)``,
+        in float32 or wider, each param read once; nothing changes where the device
+        scalar ``skip`` is non-zero."""
 
     @abc.abstractmethod
     def nonfinite(self, bucket: Bucket) -> Tensor:
         """A device int32 scalar: 1 if any param element is NaN or infinite, else 0 (no host sync)."""
 
     @abc.abstractmethod
-    def exchange(self, bucket: Bucket) -> None:
-        """Params and shadow trade values in place, bitwise (equal dtype and device)."""
+    def exchange(self, bucket: Bucket, profile: int) -> None:
+        """Params and the profile's shadow trade values in place, bitwise (equal dtype and device)."""
 
     @abc.abstractmethod
     def copy(self, bucket: Bucket, flat: Tensor, to_params: bool) -> None:
         """Copy between the params and ``flat`` (a buffer laid out like the shadow)."""
 
     def params_to_shadow(self, bucket: Bucket) -> None:
-        self.copy(bucket, bucket.shadow, to_params=False)
+        """Every profile's shadow becomes a copy of the params (read once)."""
+        self.copy(bucket, bucket.rows[0], to_params=False)
+        bucket.shadows[1:].copy_(bucket.rows[0])
 
-    def shadow_to_params(self, bucket: Bucket) -> None:
-        self.copy(bucket, bucket.shadow, to_params=True)
+    def shadow_to_params(self, bucket: Bucket, profile: int) -> None:
+        self.copy(bucket, bucket.rows[profile], to_params=True)
 
-    def swap_in(self, bucket: Bucket) -> None:
-        """Put the EMA into the params; the training weights wait in the shadow
-        (in-place exchange) or, where that would round them, in a stash."""
+    def swap_in(self, bucket: Bucket, profile: int) -> None:
+        """Put the profile's EMA into the params; the training weights wait in its
+        shadow (in-place exchange) or, where that would round them, in a stash."""
         if bucket.can_exchange:
-            self.exchange(bucket)
+            self.exchange(bucket, profile)
             bucket.exchanged = True
         else:
             stash = bucket.new_flat(bucket.param_dtype, bucket.param_device)
             self.copy(bucket, stash, to_params=False)
-            self.shadow_to_params(bucket)
+            self.shadow_to_params(bucket, profile)
             bucket.stash = stash
+        bucket.swapped = profile
 
     def swap_out(self, bucket: Bucket) -> None:
         """Undo :meth:`swap_in`: training weights back bitwise. What the params
-        hold became the EMA: exchanged back in place, or, from a stash, only the
-        elements the block wrote (an element left alone keeps its wider shadow value)."""
+        hold became the swapped profile's EMA: exchanged back in place, or, from a
+        stash, only the elements the block wrote (an element left alone keeps its
+        wider shadow value). Other profiles are untouched."""
         if bucket.exchanged:
-            self.exchange(bucket)
+            self.exchange(bucket, bucket.swapped)
             bucket.exchanged = False
         elif bucket.stash is not None:
             keep_writes(bucket)
             self.copy(bucket, bucket.stash, to_params=True)
             bucket.stash = None
+        bucket.swapped = None
 
 
 # Updates that need temporaries (dtype conversions, the copy kept for a skipped
@@ -88,24 +96,24 @@ WHOLE = sys.maxsize  # a group limit no bucket reaches
 
 @dataclass
 class _Group:
-    shadows: list[Tensor]  # pieces of the flat shadow
+    shadows: list[list[Tensor]]  # [k]: pieces of profile k's flat shadow
     params: list[Tensor]  # the matching pieces of the params
-    span: slice  # the run of the flat shadow the pieces lie in
+    span: slice  # the run of the flat shadows the pieces lie in
 
 
 def _pieces(bucket: Bucket, limit: int):
-    """(shadow piece, param piece, start, end in the flat shadow): a dense tensor in
-    runs of at most ``limit`` elements along its memory order (the shadow's layout),
-    any other tensor whole."""
-    for t, view, off in zip(bucket.tensors, bucket.views, bucket.offsets):
+    """(shadow pieces of every profile, param piece, start, end in the flat shadow): a dense
+    tensor in runs of at most ``limit`` elements along its memory order (the shadow's
+    layout), any other tensor whole."""
+    for i, (t, off) in enumerate(zip(bucket.tensors, bucket.offsets)):
         n = t.numel()
         if n <= limit or not is_dense(t):
-            yield view, t.detach(), off, off + n
+            yield [views[i] for views in bucket.profile_views], t.detach(), off, off + n
             continue
         flat = t.detach().as_strided((n,), (1,), t.storage_offset())  # dense: [offset, offset + n) in memory order
         for a in range(0, n, limit):
             b = min(a + limit, n)
-            yield bucket.shadow[off + a : off + b], flat[a:b], off + a, off + b
+            yield [row[off + a : off + b] for row in bucket.rows], flat[a:b], off + a, off + b
 
 
 def _groups(bucket: Bucket, limit: int) -> list[_Group]:
@@ -115,10 +123,11 @@ def _groups(bucket: Bucket, limit: int) -> list[_Group]:
         groups, size = [], limit + 1
         for shadow, param, start, end in _pieces(bucket, limit):
             if size + (end - start) > limit:
-                groups.append(_Group([], [], slice(start, end)))
+                groups.append(_Group([[] for _ in bucket.rows], [], slice(start, end)))
                 size = 0
             group = groups[-1]
-            group.shadows.append(shadow)
+            for pieces, piece in zip(group.shadows, shadow):
+                pieces.append(piece)
             group.params.append(param)
             group.span = slice(group.span.start, end)
             size += end - start
@@ -126,28 +135,31 @@ def _groups(bucket: Bucket, limit: int) -> list[_Group]:
     return bucket.cache[key]
 
 
-def _lerp(views: list[Tensor], params: list[Tensor], momentum: float) -> None:
-    """``views <- views + momentum * (params - views)``, computed in float32 or wider."""
+def _lerp(profiles: list[list[Tensor]], params: list[Tensor], momenta: Sequence[float]) -> None:
+    """``views <- views + m * (params - views)`` for the views and momentum of every profile,
+    computed in float32 or wider; a dtype conversion of the params is done once for all."""
+    views = profiles[0]
     if views[0].dtype == params[0].dtype and views[0].device == params[0].device:
-        # lerp computes 16-bit inputs in float32 and uses the two-sided stable form.
-        torch._foreach_lerp_(views, params, momentum)
-        return
-    compute = torch.promote_types(torch.promote_types(views[0].dtype, params[0].dtype), torch.float32)
-    ends = [p.to(views[0].device, compute) for p in params]
-    if views[0].dtype == compute:
-        torch._foreach_lerp_(views, ends, momentum)
-        return
-    wide = [v.to(compute) for v in views]
-    torch._foreach_lerp_(wide, ends, momentum)
-    torch._foreach_copy_(views, wide)
+        ends = params  # lerp computes 16-bit inputs in float32 and uses the two-sided stable form
+    else:
+        compute = torch.promote_types(torch.promote_types(views[0].dtype, params[0].dtype), torch.float32)
+        ends = [p.to(views[0].device, compute) for p in params]
+    for views, momentum in zip(profiles, momenta):
+        if views[0].dtype == ends[0].dtype:
+            torch._foreach_lerp_(views, ends, momentum)
+            continue
+        wide = [v.to(ends[0].dtype) for v in views]
+        torch._foreach_lerp_(wide, ends, momentum)
+        torch._foreach_copy_(views, wide)
 
 
 def keep_writes(bucket: Bucket) -> None:
-    """After a stashed swap: every param element whose bits differ from its
-    shadow rounded to the param's dtype (what :meth:`Backend.swap_in` put there)
+    """After a stashed swap: every param element whose bits differ from the swapped
+    profile's shadow rounded to the param's dtype (what :meth:`Backend.swap_in` put there)
     was written in the block; its value goes into the shadow."""
     int_dtype = _INT_OF_SIZE[bucket.param_dtype.itemsize]
-    for shadow, param, _, _ in _pieces(bucket, GROUP_NUMEL.get(bucket.shadow.device.type, DEFAULT_GROUP_NUMEL)):
+    for shadows, param, _, _ in _pieces(bucket, GROUP_NUMEL.get(bucket.shadows.device.type, DEFAULT_GROUP_NUMEL)):
+        shadow = shadows[bucket.swapped]
         param = param.to(shadow.device)
         written = param.view(int_dtype) != shadow.to(param.dtype).view(int_dtype)
         if written.any():
@@ -155,29 +167,31 @@ def keep_writes(bucket: Bucket) -> None:
 
 
 class TorchBackend(Backend):
-    """Foreach ops over the bucket's views: any device, any floating dtype."""
+    """Foreach ops over the bucket's views: any device, any floating dtype. An update
+    takes the bucket group by group and moves every profile's shadows before the next
+    group, so a group's params (cache-sized on a CPU) are read from memory once."""
 
     name = "torch"
 
-    def update(self, bucket: Bucket, momentum: float, skip: Tensor | None = None) -> None:
+    def update(self, bucket: Bucket, momenta: Sequence[float], skip: Tensor | None = None) -> None:
         if skip is not None and skip.device.type == "cpu":  # read at no cost: no device to wait for
             if skip.item():
                 return
             skip = None
-        self._update(bucket, momentum, skip)
+        self._update(bucket, momenta, skip)
 
-    def _update(self, bucket: Bucket, momentum: float, skip: Tensor | None) -> None:
+    def _update(self, bucket: Bucket, momenta: Sequence[float], skip: Tensor | None) -> None:
         """The update, group by group; where the device scalar ``skip`` is set, each group is put back."""
-        keep = None if skip is None else skip.to(bucket.shadow.device, torch.bool)
+        keep = None if skip is None else skip.to(bucket.shadows.device, torch.bool)
         temporaries = keep is not None or not bucket.can_exchange  # a kept copy, or dtype or device conversions
-        limit = GROUP_NUMEL.get(bucket.shadow.device.type, DEFAULT_GROUP_NUMEL) if temporaries else WHOLE
+        limit = GROUP_NUMEL.get(bucket.shadows.device.type, DEFAULT_GROUP_NUMEL) if temporaries else WHOLE
         for group in _groups(bucket, limit):
             if keep is None:
-                _lerp(group.shadows, group.params, momentum)
+                _lerp(group.shadows, group.params, momenta)
                 continue
-            span = bucket.shadow[group.span]
+            span = bucket.shadows[:, group.span]
             saved = span.clone()
-            _lerp(group.shadows, group.params, momentum)
+            _lerp(group.shadows, group.params, momenta)
             torch.where(keep, saved, span, out=span)
 
     def nonfinite(self, bucket: Bucket) -> Tensor:
@@ -188,17 +202,17 @@ class TorchBackend(Backend):
             return torch.zeros((), dtype=torch.int32, device=bucket.param_device)
         return torch.stack(ends).isfinite().all().logical_not().to(torch.int32)
 
-    def exchange(self, bucket: Bucket) -> None:
+    def exchange(self, bucket: Bucket, profile: int) -> None:
         # Three XORs on the bit patterns: bitwise exact and no temporary.
-        int_dtype = _INT_OF_SIZE[bucket.shadow.element_size()]
-        for param, view in zip(bucket.tensors, bucket.views):
+        int_dtype = _INT_OF_SIZE[bucket.shadows.element_size()]
+        for param, view in zip(bucket.tensors, bucket.profile_views[profile]):
             a, b = param.detach().view(int_dtype), view.view(int_dtype)
             a.bitwise_xor_(b)
             b.bitwise_xor_(a)
             a.bitwise_xor_(b)
 
     def copy(self, bucket: Bucket, flat: Tensor, to_params: bool) -> None:
-        views = bucket.views if flat is bucket.shadow else bucket.views_of(flat)
+        views = bucket.views_for(flat)
         if to_params:
             torch._foreach_copy_([t.detach() for t in bucket.tensors], views)
         else:
@@ -211,10 +225,10 @@ _TORCH = TorchBackend()
 def triton_unavailable(bucket: Bucket) -> str | None:
     """Why the Triton backend cannot run ``bucket``, or None when it can."""
     device = bucket.param_device
-    if bucket.shadow.device != device:
-        return f"shadows on {bucket.shadow.device} for parameters on {device} (Triton kernels need both on one device)"
-    if bucket.param_dtype not in TRITON_DTYPES or bucket.shadow.dtype not in TRITON_DTYPES:
-        return (f"parameter dtype {bucket.param_dtype} with shadow dtype {bucket.shadow.dtype} "
+    if bucket.shadows.device != device:
+        return f"shadows on {bucket.shadows.device} for parameters on {device} (Triton kernels need both on one device)"
+    if bucket.param_dtype not in TRITON_DTYPES or bucket.shadows.dtype not in TRITON_DTYPES:
+        return (f"parameter dtype {bucket.param_dtype} with shadow dtype {bucket.shadows.dtype} "
                 "(Triton kernels take float32, bfloat16, float16)")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return ("parameters on the CPU (Triton runs CPU tensors only in its interpreter: "

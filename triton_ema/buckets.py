@@ -2,8 +2,9 @@
 
 Averaged tensors (parameters, and floating buffers when asked) are grouped
 into buckets by (param device, param dtype, shadow dtype, shadow device).
-Each bucket owns one flat shadow buffer; tensor ``i`` of a bucket lives at
-``offsets[i]`` in it, laid out in the tensor's own memory order so a dense
+Each bucket owns one flat shadow buffer per EMA profile (the rows of one
+``[profiles, numel]`` tensor); tensor ``i`` of a bucket lives at
+``offsets[i]`` in every row, laid out in the tensor's own memory order so a dense
 tensor of any stride order is a straight run of elements. The parameters
 themselves are never moved or rebound.
 """
@@ -67,59 +68,72 @@ class StorageWatch:
 
 @dataclass(eq=False)
 class Bucket:
-    """Shadows of tensors that share device and dtype, in one flat buffer."""
+    """Shadows of tensors that share device and dtype: one flat row per EMA profile,
+    all rows in one ``[profiles, numel]`` buffer laid out alike."""
 
     tensors: list[Tensor]
     names: list[str]
-    shadow: Tensor
+    shadows: Tensor  # [profiles, numel]; each row a flat shadow, the same offsets in every row
     offsets: list[int]
-    views: list[Tensor] = field(init=False)
+    rows: list[Tensor] = field(init=False)  # shadows[k], one object per profile
+    profile_views: list[list[Tensor]] = field(init=False)  # [k][i]: profile k's shadow of tensors[i]
     ptrs: tuple[int, ...] = field(init=False)  # data_ptr of every tensor when the layout was last checked
     param_dtype: torch.dtype = field(init=False)
     param_device: torch.device = field(init=False)
     stash: Tensor | None = None  # training weights while swapped, when not exchanged in place
-    exchanged: bool = False  # params and shadow exchanged in place by swap_in
+    exchanged: bool = False  # params and the swapped profile's shadow exchanged in place by swap_in
+    swapped: int | None = None  # the profile whose EMA the params hold, while swapped
     backend: Any = None  # set by the store (store.py): the Backend that runs this bucket's jobs
     cache: dict = field(default_factory=dict)  # the backend's own data (segment tables)
 
     def __post_init__(self) -> None:
-        self.views = self.views_of(self.shadow)
+        self.rows = list(self.shadows.unbind(0))
+        self.profile_views = [self.views_of(row) for row in self.rows]
         self.ptrs = self.current_ptrs()
         self.param_dtype, self.param_device = self.tensors[0].dtype, self.tensors[0].device
 
     @property
     def can_exchange(self) -> bool:
         """Params and shadows can trade places bitwise, with no temporary."""
-        return self.shadow.dtype == self.param_dtype and self.shadow.device == self.param_device
+        return self.shadows.dtype == self.param_dtype and self.shadows.device == self.param_device
 
     def current_ptrs(self) -> tuple[int, ...]:
         return tuple(map(Tensor.data_ptr, self.tensors))
 
     def new_flat(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """An empty flat buffer laid out like the shadow."""
-        return torch.empty(self.shadow.numel(), dtype=dtype, device=device)
+        """An empty flat buffer laid out like one shadow row."""
+        return torch.empty(self.shadows.shape[1], dtype=dtype, device=device)
 
     def views_of(self, flat: Tensor) -> list[Tensor]:
-        """Tensor-shaped views of a flat buffer laid out like the shadow."""
+        """Tensor-shaped views of a flat buffer laid out like a shadow row."""
+        base = flat.storage_offset()
         return [
-            flat.as_strided(t.shape, t.stride(), off) if is_dense(t) else flat[off : off + t.numel()].view(t.shape)
+            flat.as_strided(t.shape, t.stride(), base + off) if is_dense(t) else flat[off : off + t.numel()].view(t.shape)
             for t, off in zip(self.tensors, self.offsets)
         ]
 
-    def ema_tensors(self) -> list[Tensor]:
-        """Where the EMA values are now: the params themselves while exchanged."""
-        return self.tensors if self.exchanged else self.views
+    def views_for(self, flat: Tensor) -> list[Tensor]:
+        """:meth:`views_of`, without building them again for a shadow row."""
+        for row, views in zip(self.rows, self.profile_views):
+            if flat is row:
+                return views
+        return self.views_of(flat)
+
+    def ema_tensors(self, profile: int) -> list[Tensor]:
+        """Where profile ``profile``'s EMA values are now: the params themselves while exchanged."""
+        return self.tensors if self.exchanged and self.swapped == profile else self.profile_views[profile]
 
     def __getstate__(self) -> dict[str, Any]:
-        # Views come back as separate tensors from pickle: rebuilt from the shadow on load.
+        # Rows and views come back as separate tensors from pickle: rebuilt from the shadows on load.
         # The backend's cache holds raw addresses of this process's tensors.
         state = self.__dict__.copy()
-        state.update(views=None, cache={})
+        state.update(rows=None, profile_views=None, cache={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.views = self.views_of(self.shadow)
+        self.rows = list(self.shadows.unbind(0))
+        self.profile_views = [self.views_of(row) for row in self.rows]
 
 
 def _group(tensors: Sequence[Tensor], shadow_dtype: torch.dtype | None, device: torch.device | None) -> dict[tuple, list[int]]:
@@ -136,8 +150,9 @@ def build_buckets(
     names: Sequence[str],
     shadow_dtype: torch.dtype | None,
     device: torch.device | None,
+    profiles: int = 1,
 ) -> tuple[list[Bucket], list[tuple[int, int]]]:
-    """Lay out zero-filled shadows for ``tensors``.
+    """Lay out zero-filled shadows for ``tensors``, ``profiles`` rows each.
 
     Returns the buckets and, for every tensor in order, its (bucket, slot).
     """
@@ -147,8 +162,8 @@ def build_buckets(
         for i in members:
             offsets.append(total)
             total += _padded(tensors[i].numel())
-        shadow = torch.zeros(total, dtype=sdtype, device=sdevice)
+        shadows = torch.zeros(profiles, total, dtype=sdtype, device=sdevice)
         for slot, i in enumerate(members):
             where[i] = (len(buckets), slot)
-        buckets.append(Bucket([tensors[i] for i in members], [names[i] for i in members], shadow, offsets))
+        buckets.append(Bucket([tensors[i] for i in members], [names[i] for i in members], shadows, offsets))
     return buckets, where

@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from . import migrate, sharding
 from .backends import BACKENDS
 from .hooks import AttachHooks, attached_ema
-from .schedules import Constant, PowerFunction, Schedule, as_schedule, momentum_at
+from .schedules import Constant, PowerFunction, Schedule, momentum_at, profile_schedules
 from .store import ShadowStore
 from .swap import SwapContext
 
@@ -39,9 +39,9 @@ class EMAOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        momentum: float | Schedule | None = None,
+        momentum: float | Schedule | dict[str, float | Schedule] | None = None,
         *,
-        decay: float | None = None,
+        decay: float | dict[str, float] | None = None,
         interval: int = 1,
         model: nn.Module | None = None,
         update_buffers: bool = False,
@@ -56,8 +56,9 @@ class EMAOptimizer(torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if attached_ema(optimizer) is not None:
             raise ValueError(f"{type(optimizer).__name__} already has an EMA attached; use that one, or detach() it first")
-        schedule = as_schedule(momentum, decay)
-        _warn_if_decay_like(schedule, decay is not None)
+        schedules = profile_schedules(momentum, decay)
+        for schedule in schedules.values():
+            _warn_if_decay_like(schedule, decay is not None)
         if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
         if model is not None and not isinstance(model, nn.Module):
@@ -78,8 +79,8 @@ class EMAOptimizer(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
         self.optimizer = optimizer
-        self.schedule = schedule
-        self.schedules = {None: schedule}  # the EMA profiles by name; None: the one unnamed profile
+        self.schedules = schedules  # the EMA profiles by name; {None: schedule} for one unnamed profile
+        self.schedule = schedules[None] if None in schedules else dict(schedules)
         self.run_id = uuid.uuid4().hex  # tells this run's post-hoc snapshots from another's
         self.interval = int(interval)
         self.model = model
@@ -89,7 +90,8 @@ class EMAOptimizer(torch.optim.Optimizer):
 
         self._buffer_slots = self._find_buffers() if update_buffers else []
         tensors, names = self._tracked()
-        self._store = ShadowStore(tensors, names, shadow_dtype=shadow_dtype, device=device, backend=backend)
+        self._store = ShadowStore(tensors, names, shadow_dtype=shadow_dtype, device=device, backend=backend,
+                                  profiles=len(schedules))
         self._step = 0
         self._hooks: list[RemovableHandle] = []  # attach(): handles of the hooks on the wrapped optimizer
         self._match_names = True  # attached: load_state_dict's match_names, for the load hooks
@@ -127,7 +129,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         return self._store.skipped()
 
     def __repr__(self) -> str:
-        return (f"EMAOptimizer({self.optimizer!r},\n  schedule={self.schedule!r}, interval={self.interval}, "
+        return (f"EMAOptimizer({self.optimizer!r},\n  momentum={self.schedule!r}, interval={self.interval}, "
                 f"update_buffers={self.update_buffers}, step={self._step})")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -219,24 +221,24 @@ class EMAOptimizer(torch.optim.Optimizer):
         self._after_step(momentum)
         return loss
 
-    def _before_step(self) -> float | None:
-        """Everything that can fail, before the base step touches a weight: the momentum of this step, if it updates."""
+    def _before_step(self) -> list[float] | None:
+        """Everything that can fail, before the base step touches a weight: the momenta of this step, if it updates."""
         if self._store.swapped:
             raise RuntimeError("step() inside swap_ema(): the model holds the EMA weights; leave the with-block first")
         t = self._step
         self._adopt_new_params()
-        return momentum_at(self.schedule, t) if t % self.interval == 0 else None
+        return [momentum_at(s, t) for s in self.schedules.values()] if t % self.interval == 0 else None
 
-    def _after_step(self, momentum: float | None) -> None:
+    def _after_step(self, momenta: list[float] | None) -> None:
         """After a completed base step: the update, and the step count."""
-        if momentum is not None:
-            _update_untraced(self, momentum)
+        if momenta is not None:
+            _update_untraced(self, momenta)
         self._step += 1
 
     @torch.no_grad()
-    def _update_ema(self, momentum: float) -> None:
+    def _update_ema(self, momenta: list[float]) -> None:
         self._sync()
-        self._store.update(momentum, self.skip_nonfinite)
+        self._store.update(momenta, self.skip_nonfinite)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -263,7 +265,7 @@ class EMAOptimizer(torch.optim.Optimizer):
     def _track_params(self) -> None:
         """Lay out shadows for the optimizer's params as they are now, keeping the EMA of those already tracked."""
         tensors, names = self._tracked()
-        kept = {id(t): self._store.shadow_view(i) for i, t in enumerate(self._store.tensors)}
+        kept = {id(t): self._store.shadow_views(i) for i, t in enumerate(self._store.tensors)}
         with torch.no_grad():
             self._store.rebuild(tensors, names, [kept.get(id(t)) for t in tensors])
 
@@ -273,9 +275,19 @@ class EMAOptimizer(torch.optim.Optimizer):
 
     # --- EMA weights --------------------------------------------------------
 
-    def swap_ema(self) -> SwapContext:
-        """``with opt.swap_ema():`` the model holds the EMA weights; on exit, also
-        by an exception, the training weights are back, bitwise.
+    def _profile(self, name: str | None) -> int:
+        """The index of profile ``name``; None names the only profile."""
+        names = list(self.schedules)
+        if name is None and len(names) > 1:
+            raise ValueError(f"this EMA has several profiles {names}: name the one you want")
+        if name is None or name in names:
+            return 0 if name is None else names.index(name)
+        raise ValueError(f"no EMA profile named {name!r}; the profiles are {names}")
+
+    def swap_ema(self, name: str | None = None) -> SwapContext:
+        """``with opt.swap_ema():`` the model holds the EMA weights (of profile
+        ``name``, needed with several); on exit, also by an exception, the
+        training weights are back, bitwise.
 
         Inside the block the averaged parameters are the EMA: what the block
         writes to them becomes the EMA (elements it leaves alone keep their
@@ -284,7 +296,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         warning. If the block moves the model to another dtype or device, the
         training weights still come back (into the moved tensors), the EMA keeps
         its values from before the move, and the exit raises an error."""
-        return SwapContext(self)
+        return SwapContext(self, self._profile(name))
 
     def _current_tensors(self) -> list[Tensor]:
         """The averaged tensors as the model holds them now (buffers that ``module.to()`` replaced)."""
@@ -295,36 +307,39 @@ class EMAOptimizer(torch.optim.Optimizer):
                 self._objects[n + j] = buf
         return [sharding.local(t) for t in self._objects]
 
-    def ema_state_dict(self, full: bool = False) -> dict[str, Tensor]:
-        """``model.state_dict()`` with EMA values for every averaged tensor, in
-        the model's dtypes; entries not averaged keep the model's values. Every
-        value is a copy: it keeps what it held when this was called.
+    def ema_state_dict(self, name: str | None = None, *, full: bool = False) -> dict[str, Tensor]:
+        """``model.state_dict()`` with EMA values (of profile ``name``, needed with
+        several) for every averaged tensor, in the model's dtypes; entries not
+        averaged keep the model's values. Every value is a copy: it keeps what it
+        held when this was called.
 
         Sharded (DTensor) entries stay DTensors, as ``set_model_state_dict``
         takes them; ``full=True`` gathers them into whole tensors for export
         (a collective: every rank must call it)."""
+        profile = self._profile(name)
         if self.model is None:
             raise RuntimeError("ema_state_dict() needs the model: pass model= to EMAOptimizer")
         self._adopt_new_params()
         index = {id(t): i for i, t in enumerate(self._objects)}
         out = {}
-        for name, value in self.model.state_dict(keep_vars=True).items():
+        for key, value in self.model.state_dict(keep_vars=True).items():
             i = index.get(id(value))
-            local = sharding.local(value) if i is None else self._store.ema(i)
+            local = sharding.local(value) if i is None else self._store.ema(i, profile)
             ema = sharding.like(local.detach().to(value.dtype, copy=True), value)
-            out[name] = sharding.full(ema) if full else ema
+            out[key] = sharding.full(ema) if full else ema
         return out
 
     def _snapshot_state(self, name: str | None) -> tuple[dict[str, Tensor], set[str]]:
         """Profile ``name``'s EMA keyed like ``model.state_dict()`` in the shadows' dtype (no copy),
         and the keys that are averaged."""
+        profile = self._profile(name)
         if self.model is None:
             raise RuntimeError("post-hoc snapshots need the model: pass model= to EMAOptimizer")
         index = {id(t): i for i, t in enumerate(self._objects)}
         out, averaged = {}, set()
         for key, value in self.model.state_dict(keep_vars=True).items():
             i = index.get(id(value))
-            out[key] = value.detach() if i is None else sharding.like(self._store.ema(i).detach(), value)
+            out[key] = value.detach() if i is None else sharding.like(self._store.ema(i, profile).detach(), value)
             if i is not None:
                 averaged.add(key)
         return out, averaged
@@ -349,17 +364,11 @@ class EMAOptimizer(torch.optim.Optimizer):
     def _ema_state(self) -> dict[str, Any]:
         self._adopt_new_params()
         n = self._num_params
-        # Inside swap_ema() the EMA sits in the model until the block ends: copies, so the dict keeps it.
-        copy = self._store.swapped
-        shadow = [sharding.like(self._store.ema(i).detach().clone() if copy else self._store.ema(i).detach(),
-                                self._objects[i]) for i in range(len(self._store))]
-        state = {
-            "step": self._step,
-            "interval": self.interval,
-            "skipped_updates": self._store.skipped(),
-            "shadow": dict(enumerate(shadow[:n])),
-            "buffers": {name: shadow[n + j] for j, (_, _, name) in enumerate(self._buffer_slots)},
-        }
+        state = {"step": self._step, "interval": self.interval, "skipped_updates": self._store.skipped()}
+        if None in self.schedules:
+            state.update(self._profile_state(0))
+        else:
+            state["profiles"] = {name: self._profile_state(k) for k, name in enumerate(self.schedules)}
         if self.model is not None:
             state["names"] = self._store.names[:n]
         if any(isinstance(s, PowerFunction) for s in self.schedules.values()):
@@ -370,11 +379,24 @@ class EMAOptimizer(torch.optim.Optimizer):
         """Start the EMA from weights averaged elsewhere: a dict keyed like
         ``model.state_dict()`` (see :mod:`triton_ema.migrate` for other libraries'
         formats), after ``num_steps`` optimizer steps, from which the schedule
-        continues. Needs ``model=``. Everything is checked before anything changes."""
+        continues; with several profiles, every profile starts from these weights.
+        Needs ``model=``. Everything is checked before anything changes."""
         self._refuse_while_swapped("load_ema_state_dict()")
         if isinstance(num_steps, bool) or not isinstance(num_steps, Integral) or num_steps < 0:
             raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
-        self._load_ema(int(num_steps), self._store.skipped(), migrate.checked_values(self, state_dict))
+        values = migrate.checked_values(self, state_dict)
+        self._load_ema(int(num_steps), self._store.skipped(), [values] * len(self.schedules))
+
+    def _profile_state(self, profile: int) -> dict[str, dict]:
+        """One profile's shadows: ``shadow`` keyed like the optimizer's state, ``buffers`` by name."""
+        n = self._num_params
+        # Inside swap_ema() the EMA sits in the model until the block ends: copies, so the dict keeps it.
+        copy = self._store.swapped
+        shadow = [sharding.like(self._store.ema(i, profile).detach().clone() if copy
+                                else self._store.ema(i, profile).detach(), self._objects[i])
+                  for i in range(len(self._store))]
+        return {"shadow": dict(enumerate(shadow[:n])),
+                "buffers": {name: shadow[n + j] for j, (_, _, name) in enumerate(self._buffer_slots)}}
 
     @property
     def ema_checkpoint(self) -> _EMACheckpoint:
@@ -427,20 +449,24 @@ class EMAOptimizer(torch.optim.Optimizer):
             self._sync()
             self._store.reset()
 
-    def _load_ema(self, step: int, skipped: int, values: list[Tensor], run: str | None = None) -> None:
+    def _load_ema(self, step: int, skipped: int, values: list[list[Tensor]], run: str | None = None) -> None:
         with torch.no_grad():
             self._sync()
             self._store.load(values, skipped)
         self._step = step
         self.run_id = run or self.run_id
 
-    def _check_ema(self, ema: Any, match_names: bool = True) -> tuple[int, int, list[Tensor], str | None]:
-        """The step, skip count, shadow values and run id of a saved ``"ema"`` entry, or an error naming the culprit."""
+    def _check_ema(self, ema: Any, match_names: bool = True) -> tuple[int, int, list[list[Tensor]], str | None]:
+        """The step, skip count, shadow values (per profile) and run id of a saved
+        ``"ema"`` entry, or an error naming the culprit."""
         if not isinstance(ema, dict):
             raise TypeError(f"state_dict['ema'] must be a dict, got {type(ema).__name__}")
-        missing = {"step", "shadow", "buffers"} - ema.keys()
+        single = None in self.schedules
+        missing = {"step"} | ({"shadow", "buffers"} if single else {"profiles"})
+        missing -= ema.keys()
         if missing:
-            raise ValueError(f"state_dict['ema'] lacks {sorted(missing)}")
+            other = "several profiles" if "profiles" in ema else "one unnamed profile"
+            raise ValueError(f"state_dict['ema'] lacks {sorted(missing)} (it was saved with {other})")
         for key in ("step", "skipped_updates"):
             value = ema.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
@@ -451,26 +477,42 @@ class EMAOptimizer(torch.optim.Optimizer):
         if ema.get("interval", self.interval) != self.interval:
             warnings.warn(f"the checkpoint was saved with interval={ema['interval']}; continuing with "
                           f"interval={self.interval}", stacklevel=4)
-        n = self._num_params
         if match_names:
             self._check_names(ema.get("names"))
-        saved = [("shadow", ema["shadow"], list(range(n))),
-                 ("buffers", ema["buffers"], [name for _, _, name in self._buffer_slots])]
+        if single:
+            values = [self._check_profile(ema, 0, "state_dict['ema']", match_names)]
+        else:
+            profiles = ema["profiles"]
+            if not isinstance(profiles, dict) or set(profiles) != set(self.schedules):
+                saved = sorted(profiles) if isinstance(profiles, dict) else type(profiles).__name__
+                raise ValueError(f"state_dict['ema']['profiles'] holds {saved}; this EMA has profiles "
+                                 f"{sorted(self.schedules)}")
+            values = [self._check_profile(profiles[name], k, f"state_dict['ema']['profiles'][{name!r}]", match_names)
+                      for k, name in enumerate(self.schedules)]
+        return int(ema["step"]), int(ema.get("skipped_updates", 0)), values, run
+
+    def _check_profile(self, entry: Any, profile: int, where: str, match_names: bool) -> list[Tensor]:
+        """One profile's saved shadows (``shadow`` and ``buffers``), checked, as this rank's values."""
+        if not isinstance(entry, dict) or not {"shadow", "buffers"} <= entry.keys():
+            raise ValueError(f"{where} must be a dict with 'shadow' and 'buffers'")
+        n = self._num_params
+        saved = [("shadow", entry["shadow"], list(range(n))),
+                 ("buffers", entry["buffers"], [name for _, _, name in self._buffer_slots])]
         values = []
         for key, entries, expected in saved:
             if not isinstance(entries, dict):
-                raise TypeError(f"state_dict['ema']['{key}'] must be a dict, got {type(entries).__name__}")
+                raise TypeError(f"{where}['{key}'] must be a dict, got {type(entries).__name__}")
             if key == "buffers" and not match_names and len(entries) == len(expected):
                 entries = dict(zip(expected, entries.values()))
             unexpected = [k for k in entries if k not in set(expected)]
             if unexpected:
-                raise ValueError(f"state_dict['ema']['{key}'] has entries this EMA does not track: {unexpected[:5]}")
+                raise ValueError(f"{where}['{key}'] has entries this EMA does not track: {unexpected[:5]}")
             for k in expected:
                 i = len(values)
                 name = self._store.names[i]
                 if k not in entries:
-                    raise ValueError(f"state_dict['ema']['{key}'] has no shadow for {name} (key {k!r})")
-                value, shadow, target = entries[k], self._store.shadow_view(i), self._objects[i]
+                    raise ValueError(f"{where}['{key}'] has no shadow for {name} (key {k!r})")
+                value, shadow, target = entries[k], self._store.shadow_view(i, profile), self._objects[i]
                 if not isinstance(value, Tensor):
                     raise TypeError(f"the saved shadow of {name} is a {type(value).__name__}, not a tensor")
                 if value.shape != target.shape:
@@ -481,8 +523,7 @@ class EMAOptimizer(torch.optim.Optimizer):
                                      f"{shadow.dtype} (shadow_dtype=)")
                 values.append(value)
         # Shards last: taking a rank's shard of a full or differently sharded value may communicate.
-        values = [sharding.local_value(v, t) for v, t in zip(values, self._objects)]
-        return int(ema["step"]), int(ema.get("skipped_updates", 0)), values, run
+        return [sharding.local_value(v, t) for v, t in zip(values, self._objects)]
 
     def _check_names(self, saved: Any) -> None:
         """The checkpoint's parameter names, where it has them (and ``model=`` gives ours), are ours."""

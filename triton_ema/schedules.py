@@ -25,7 +25,7 @@ from .formulas import Formula, device_schedule
 __all__ = [
     "Constant", "Warmup", "Cosine", "Power", "Ramp", "MomentumAnnealing",
     "CopyUntil", "HoldUntil", "Recount", "Max", "Min",
-    "PowerFunction", "Schedule", "as_schedule", "momentum_at", "device_schedule",
+    "PowerFunction", "Schedule", "as_schedule", "momentum_at", "device_schedule", "profile_schedules",
 ]
 
 Schedule = Callable[[int], float]
@@ -372,6 +372,28 @@ def as_schedule(momentum: float | Schedule | None, decay: float | None) -> Sched
     if isinstance(momentum, bool) or not isinstance(momentum, Real):
         raise TypeError(f"momentum must be a float or a callable step -> momentum, got {type(momentum).__name__}")
     return Constant(momentum)
+
+
+def profile_schedules(momentum, decay) -> dict[str | None, Schedule]:
+    """The EMA profiles for the ``momentum=`` / ``decay=`` arguments: a dict of named
+    schedules, or ``{None: schedule}`` for a single float or schedule."""
+    given = momentum if decay is None else decay
+    if not isinstance(given, dict):
+        return {None: as_schedule(momentum, decay)}
+    if momentum is not None and decay is not None:
+        raise ValueError("give either momentum or decay (momentum = 1 - decay), not both")
+    if not given:
+        raise ValueError("the dict of EMA profiles is empty; give at least one")
+    for name in given:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"EMA profile names must be non-empty strings, got {name!r}")
+    out = {}
+    for name, value in given.items():
+        try:
+            out[name] = as_schedule(None, value) if decay is not None else as_schedule(value, None)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"EMA profile {name!r}: {err}") from None
+    return out
 
 
 def momentum_at(schedule: Schedule, t: int) -> float:

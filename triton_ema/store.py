@@ -24,28 +24,32 @@ class ShadowStore:
     """All buckets of one EMA: builds them, keeps them valid, runs their jobs.
 
     ``tensors`` are the averaged tensors in a fixed order (the optimizer's
-    params, then buffers); index ``i`` everywhere means ``tensors[i]``.
+    params, then buffers); index ``i`` everywhere means ``tensors[i]``. Each
+    tensor has ``profiles`` shadows (one per EMA profile), index ``k``.
     """
 
-    def __init__(self, tensors: Sequence[Tensor], names: Sequence[str], *, shadow_dtype, device, backend: str) -> None:
+    def __init__(self, tensors: Sequence[Tensor], names: Sequence[str], *, shadow_dtype, device, backend: str,
+                 profiles: int = 1) -> None:
         self.shadow_dtype = shadow_dtype
         self.device = device
         self.backend = backend
+        self.profiles = profiles
         self.skips: dict[torch.device, Tensor] = {}  # per device: bucket updates skipped for non-finite params
         self.held: list[Tensor] | None = None  # while swapped: the storage that swap_in swapped
         self.rebuild(list(tensors), list(names), [None] * len(tensors))
 
-    def rebuild(self, tensors: list[Tensor], names: list[str], values: list[Tensor | None]) -> None:
-        """Lay out buckets; shadows start from ``values[i]`` or, where None, from the tensor."""
-        buckets, where = build_buckets(tensors, names, self.shadow_dtype, self.device)
+    def rebuild(self, tensors: list[Tensor], names: list[str], values: list[Sequence[Tensor] | None]) -> None:
+        """Lay out buckets; tensor i's shadows start from ``values[i]`` (one per profile)
+        or, where None, from the tensor."""
+        buckets, where = build_buckets(tensors, names, self.shadow_dtype, self.device, self.profiles)
         for bucket in buckets:
             bucket.backend = select_backend(self.backend, bucket)
         with torch.no_grad():
             for bucket in buckets:
                 bucket.backend.params_to_shadow(bucket)
             for (b, slot), value in zip(where, values):
-                if value is not None:
-                    buckets[b].views[slot].copy_(value)
+                for views, v in zip(buckets[b].profile_views, value or ()):
+                    views[slot].copy_(v)
         self.tensors, self.names, self.buckets, self.where = tensors, names, buckets, where
         self.watch = StorageWatch(tensors)
 
@@ -56,14 +60,18 @@ class ShadowStore:
     def swapped(self) -> bool:
         return any(b.exchanged or b.stash is not None for b in self.buckets)
 
-    def ema(self, i: int) -> Tensor:
-        """The EMA of tensor ``i`` as it is stored now (no copy)."""
+    def ema(self, i: int, profile: int = 0) -> Tensor:
+        """Profile ``profile``'s EMA of tensor ``i`` as it is stored now (no copy)."""
         b, slot = self.where[i]
-        return self.buckets[b].ema_tensors()[slot]
+        return self.buckets[b].ema_tensors(profile)[slot]
 
-    def shadow_view(self, i: int) -> Tensor:
+    def shadow_view(self, i: int, profile: int = 0) -> Tensor:
         b, slot = self.where[i]
-        return self.buckets[b].views[slot]
+        return self.buckets[b].profile_views[profile][slot]
+
+    def shadow_views(self, i: int) -> list[Tensor]:
+        """Tensor ``i``'s shadows, one per profile."""
+        return [self.shadow_view(i, k) for k in range(self.profiles)]
 
     def replace(self, i: int, tensor: Tensor) -> None:
         """``tensors[i]`` is now another object (``module.to()`` replaces buffers); keep its EMA."""
@@ -80,7 +88,7 @@ class ShadowStore:
         stale = [b for b in self.buckets if b.current_ptrs() != b.ptrs]
         relayout = False
         for bucket in stale:
-            for t, name, view in zip(bucket.tensors, bucket.names, bucket.views):
+            for t, name, view in zip(bucket.tensors, bucket.names, bucket.profile_views[0]):
                 if t.shape != view.shape:
                     raise RuntimeError(f"{name} changed shape from {tuple(view.shape)} to {tuple(t.shape)}; "
                                        "its EMA cannot follow")
@@ -89,7 +97,7 @@ class ShadowStore:
             raise RuntimeError("parameters changed dtype, device or memory layout inside swap_ema(); "
                                "move the model outside the swap_ema() block")
         if relayout:
-            self.rebuild(self.tensors, self.names, [self.shadow_view(i) for i in range(len(self))])
+            self.rebuild(self.tensors, self.names, [self.shadow_views(i) for i in range(len(self))])
             return
         for bucket in stale:
             bucket.ptrs = bucket.current_ptrs()
@@ -98,13 +106,14 @@ class ShadowStore:
 
     # Jobs: one backend call per bucket.
 
-    def update(self, momentum: float, skip_nonfinite: bool = False) -> None:
+    def update(self, momenta: Sequence[float], skip_nonfinite: bool = False) -> None:
+        """Every profile k moves by ``momenta[k]``: one backend call per bucket."""
         for bucket in self.buckets:
             if not skip_nonfinite:
-                bucket.backend.update(bucket, momentum)
+                bucket.backend.update(bucket, momenta)
                 continue
             flag = bucket.backend.nonfinite(bucket)  # decided on the device: no host sync
-            bucket.backend.update(bucket, momentum, flag)
+            bucket.backend.update(bucket, momenta, flag)
             count = self.skips.get(flag.device)
             if count is None:
                 self.skips[flag.device] = flag.to(torch.int64)
@@ -115,11 +124,11 @@ class ShadowStore:
         """Bucket updates skipped for non-finite params so far (reading it waits for the device)."""
         return sum(int(count) for count in self.skips.values())
 
-    def swap_in(self) -> None:
+    def swap_in(self, profile: int = 0) -> None:
         done = []
         try:
             for bucket in self.buckets:
-                bucket.backend.swap_in(bucket)
+                bucket.backend.swap_in(bucket, profile)
                 done.append(bucket)
         except BaseException:
             for bucket in reversed(done):
@@ -161,9 +170,10 @@ class ShadowStore:
         for bucket in self.buckets:
             bucket.backend.params_to_shadow(bucket)
 
-    def load(self, values: Sequence[Tensor], skipped: int) -> None:
-        """Overwrite every shadow with ``values[i]`` (already checked for shape and dtype),
+    def load(self, values: Sequence[Sequence[Tensor]], skipped: int) -> None:
+        """Overwrite every shadow with ``values[k][i]`` (already checked for shape and dtype),
         and restart the skip count at ``skipped``."""
-        for i, value in enumerate(values):
-            self.shadow_view(i).copy_(value)
+        for k, profile in enumerate(values):
+            for i, value in enumerate(profile):
+                self.shadow_view(i, k).copy_(value)
         self.skips = {torch.device("cpu"): torch.tensor(skipped)} if skipped else {}

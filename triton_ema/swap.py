@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 class SwapContext:
     """What ``opt.swap_ema()`` returns; reports itself if it is never entered."""
 
-    def __init__(self, opt: EMAOptimizer) -> None:
+    def __init__(self, opt: EMAOptimizer, profile: int = 0) -> None:
         self._opt = opt
+        self._profile = profile
         caller = sys._getframe(2)  # the user's call of opt.swap_ema()
         self._caller = (caller.f_code.co_filename, caller.f_lineno)
         self._entered = False
@@ -48,8 +49,9 @@ class SwapContext:
             raise RuntimeError("swap_ema() is already active; nesting it would put training weights in the model")
         with torch.no_grad():
             opt._sync()
-            self._kept = {i: opt._store.shadow_view(i).clone() for i in range(opt._num_params, len(opt._store))}
-            opt._store.swap_in()
+            self._kept = {i: opt._store.shadow_view(i, self._profile).clone()
+                          for i in range(opt._num_params, len(opt._store))}
+            opt._store.swap_in(self._profile)
         return opt
 
     def __exit__(self, *exc_info: object) -> None:
@@ -74,7 +76,7 @@ class SwapContext:
         changed = []
         store = self._opt._store
         for i, kept in self._kept.items():
-            shadow = store.shadow_view(i)
+            shadow = store.shadow_view(i, self._profile)
             if not _bitwise_equal(shadow, kept):
                 shadow.copy_(kept)
                 changed.append(store.names[i])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -53,11 +55,13 @@ class TritonBackend(Backend):
             cached = bucket.cache["table"] = (table, n_full, (table.shape[0],), typed)
         return cached
 
-    def update(self, bucket: Bucket, momentum: float, skip: Tensor | None = None) -> None:
+    def update(self, bucket: Bucket, momenta: Sequence[float], skip: Tensor | None = None) -> None:
         table, n_full, grid, typed = self._launch_args(bucket)
         if grid[0]:
-            _ema_update_kernel[grid](table, bucket.shadow, typed, table if skip is None else skip, momentum, n_full,
-                                     BLOCK=BLOCK, CHECK_SKIP=skip is not None, num_warps=NUM_WARPS)
+            shadows = bucket.shadows
+            _ema_update_kernel[grid](table, shadows, typed, table if skip is None else skip, tuple(map(float, momenta)),
+                                     shadows.stride(0), n_full, BLOCK=BLOCK, PROFILES=shadows.shape[0],
+                                     CHECK_SKIP=skip is not None, num_warps=NUM_WARPS)
 
     def nonfinite(self, bucket: Bucket) -> Tensor:
         table, n_full, grid, typed = self._launch_args(bucket)
@@ -66,10 +70,10 @@ class TritonBackend(Backend):
             _ema_nonfinite_kernel[grid](table, typed, flag, n_full, BLOCK=BLOCK, num_warps=NUM_WARPS)
         return flag
 
-    def exchange(self, bucket: Bucket) -> None:
+    def exchange(self, bucket: Bucket, profile: int) -> None:
         table, n_full, grid, typed = self._launch_args(bucket)
         if grid[0]:
-            _ema_swap_kernel[grid](table, bucket.shadow, typed, n_full, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            _ema_swap_kernel[grid](table, bucket.rows[profile], typed, n_full, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
     def copy(self, bucket: Bucket, flat: Tensor, to_params: bool) -> None:
         table, n_full, grid, typed = self._launch_args(bucket)
