@@ -200,6 +200,18 @@ ERRORS = [
     ("power function, gamma 0", lambda: PowerFunction(gamma=0), ValueError, "gamma must be a positive finite number"),
     ("user schedule on the device", lambda: device_schedule(lambda t: 0.1), TypeError,
      "momentum schedule <lambda> cannot run on the device \\(capturable=True\\): it has no on_device\\(t\\)"),
+    # EMA profiles
+    ("empty profiles", construct(momentum={}), ValueError, "the dict of EMA profiles is empty"),
+    ("profile name not a string", construct(momentum={1: 0.1}), TypeError, "profile names must be non-empty strings, got 1"),
+    ("bad profile momentum", construct(momentum={"a": 0.1, "b": 1.5}), ValueError,
+     "EMA profile 'b': momentum must lie in \\(0, 1\\], got 1.5"),
+    ("profile name missing", lambda: wrapper(momentum={"a": 0.1, "b": 0.2}).ema_state_dict(), ValueError,
+     "several profiles \\['a', 'b'\\]: name the one you want"),
+    ("unknown profile", lambda: wrapper(momentum={"a": 0.1}).swap_ema("b"), ValueError,
+     "no EMA profile named 'b'; the profiles are \\['a'\\]"),
+    ("checkpoint of other profiles", lambda: wrapper(momentum={"a": 0.1}).load_state_dict(
+        wrapper(momentum={"b": 0.1}).state_dict()), ValueError,
+     "\\['profiles'\\] holds \\['b'\\]; this EMA has profiles \\['a'\\]"),
     # post-hoc EMA
     ("snapshot of a constant EMA", snapshot_of(0.1), ValueError, "needs power-function profiles"),
     ("snapshot before a step", snapshot_of(PowerFunction(gamma=7.0), steps=0), ValueError, "before the first step"),
