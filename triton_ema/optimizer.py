@@ -593,19 +593,19 @@ def _shares_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
 
 
 @functools.cache
-def _disabled_update(cls: type[EMAOptimizer]) -> Callable[[EMAOptimizer, float], None]:
+def _disabled_update(cls: type[EMAOptimizer]) -> Callable[[EMAOptimizer, list[float]], None]:
     return torch.compiler.disable(cls._update_ema)
 
 
-def _update_untraced(opt: EMAOptimizer, momentum: float) -> None:
-    """``opt._update_ema(momentum)``, never traced by torch.compile: the kernels reach
+def _update_untraced(opt: EMAOptimizer, momenta: list[float]) -> None:
+    """``opt._update_ema(momenta)``, never traced by torch.compile: the kernels reach
     params through address tables that tracing cannot see. Under
     ``torch.compile(opt.step)`` the base step compiles and the EMA runs as written.
     Once dynamo is loaded it also takes over calls made from frames it runs
     uncompiled, so from then on the update always goes through ``compiler.disable``."""
     if torch.compiler.is_compiling():
-        torch.compiler.disable(type(opt)._update_ema)(opt, momentum)
+        torch.compiler.disable(type(opt)._update_ema)(opt, momenta)
     elif "torch._dynamo" in sys.modules:
-        _disabled_update(type(opt))(opt, momentum)
+        _disabled_update(type(opt))(opt, momenta)
     else:
-        opt._update_ema(momentum)
+        opt._update_ema(momenta)

@@ -65,7 +65,7 @@ class _Idle(torch.optim.Optimizer):
 def triton_ema(backend: str) -> Provider:
     def update(params, shadow_dtype):
         opt = _ema(params, shadow_dtype, backend)
-        return lambda: opt._update_ema(MOMENTUM)  # the EMA part of opt.step(), storage checks included
+        return lambda: opt._update_ema([MOMENTUM])  # the EMA part of opt.step(), storage checks included
 
     def swap(params, shadow_dtype):
         opt = _ema(params, shadow_dtype, backend)
