@@ -258,9 +258,9 @@ def test_torch_backend_cuts_groups_only_where_temporaries_need_them(monkeypatch,
     params = [torch.randn(n, device=DEVICE).to(param_dtype) for n in (700, 900, 1500)]  # groups: 700, 900, 1000 + 500
     (bucket,), _ = build_buckets(params, ["a", "b", "c"], shadow_dtype, None)
     TorchBackend().params_to_shadow(bucket)
-    expected = [v.double() + 0.5 * (p.double() - v.double()) for v, p in zip(bucket.views, params)]
-    TorchBackend()._update(bucket, 0.5, torch.zeros((), dtype=torch.int32, device=DEVICE) if skip else None)
+    expected = [v.double() + 0.5 * (p.double() - v.double()) for v, p in zip(bucket.profile_views[0], params)]
+    TorchBackend()._update(bucket, [0.5], torch.zeros((), dtype=torch.int32, device=DEVICE) if skip else None)
     (cut,) = [v for k, v in bucket.cache.items() if k[0] == "torch-groups"]
     assert len(cut) == groups
-    for view, e in zip(bucket.views, expected):
+    for view, e in zip(bucket.profile_views[0], expected):
         assert_ulps(view, e)
