@@ -84,6 +84,19 @@ def lightning_callback(**kw):
     return EMACallback(0.1, **kw)
 
 
+def lightning_setup(strategy):
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    lightning_callback().setup(trainer, None, "fit")
+
+
+def model_parallel(**kw):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(**kw)
+
+
 def hf_trainer(**kw):
     import tempfile
 
@@ -249,6 +262,8 @@ ERRORS = [
      "EMACallback takes no model="),
     ("lightning test on EMA without a fit", lambda: lightning_callback().on_test_epoch_start(None, None), RuntimeError,
      "there is no EMA to test on; fit with this callback"),
+    ("lightning FSDP2 with full checkpoints", lambda: lightning_setup(model_parallel(save_distributed_checkpoint=False)),
+     NotImplementedError, r"ModelParallelStrategy\(save_distributed_checkpoint=False\): the EMA is saved only"),
     ("transformers trainer given model=", lambda: hf_trainer(ema_kwargs={"model": make_model()}), TypeError,
      "EMATrainer takes no model= in ema_kwargs"),
     ("transformers evaluate before train", lambda: hf_trainer().evaluate(), RuntimeError,

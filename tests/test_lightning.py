@@ -1,5 +1,6 @@
 """Lightning: EMACallback with the real Trainer on CPU: the EMA against a float64
-reference, validation and testing on EMA weights, ckpt_path= resume, DDP on 2 processes."""
+reference, validation and testing on EMA weights, ckpt_path= resume, DDP and FSDP2
+(ModelParallelStrategy, distributed checkpoints) on 2 processes."""
 
 import subprocess
 import sys
@@ -94,11 +95,16 @@ def test_ckpt_path_resume_ends_bitwise_where_the_uninterrupted_run_ends(fitted):
     assert bitwise_equal(ema.ema.ema_state_dict(), fitted["final"]["ema"])
 
 
-def test_ddp_on_two_cpu_processes_keeps_identical_emas(tmp_path):
-    script = Path(__file__).with_name("lightning_ddp.py")
-    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+def run_two_ranks(script, out):
+    """``script`` under Lightning's own launcher (it starts the second rank); what each rank saved, and stderr."""
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), str(out)], capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)], run.stderr
+
+
+def test_ddp_on_two_cpu_processes_keeps_identical_emas(tmp_path):
+    ranks, _ = run_two_ranks("lightning_ddp.py", tmp_path)
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     for key in ("ema", "model"):
         assert all(torch.equal(ranks[0][key][k], ranks[1][key][k]) for k in ranks[0][key])
@@ -106,3 +112,25 @@ def test_ddp_on_two_cpu_processes_keeps_identical_emas(tmp_path):
         assert rank["steps"] == 2 * 2  # 32 rows over 2 ranks, batches of 8, two epochs
         assert_close_to(rank["reference"], rank["ema"].values())
         assert all(torch.equal(rank["model"][k], v) for k, v in rank["ema"].items())  # ema_at_end=True
+
+
+def test_fsdp2_model_parallel_strategy_on_two_cpu_processes(tmp_path):
+    ranks, stderr = run_two_ranks("lightning_fsdp2.py", tmp_path)
+    assert "has no 'ema' entry" not in stderr  # the resume found the EMA (no restart from the weights)
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["ema"], ranks[1]["ema"]))
+    val = list(cases.loader(16, seed=1))
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["sharded"]
+        assert rank["steps"] == rank["resumed_steps"] == 3 * 2  # 32 rows over 2 ranks, batches of 8, 3 epochs
+        assert_close_to(rank["reference"], rank["ema"])
+        for (held, ema64), (after, training) in zip(rank["at_validation"], rank["after_validation"]):
+            assert_close_to(ema64, held)  # the model held the EMA during validation
+            assert all(torch.equal(a, t) for a, t in zip(after, training))  # and the training weights after
+        assert rank["val_loss"] == pytest.approx(loss_with(rank["reference"], val), rel=1e-5)
+        # test(ckpt_path=) of epoch 2's distributed checkpoint: its EMA, as validation at the end of epoch 2 saw it
+        assert rank["test_loss_epoch_1"] == pytest.approx(loss_with(rank["at_validation"][1][1], val), rel=1e-5)
+        # fit(ckpt_path=) from that checkpoint, other initial weights: bitwise where the uninterrupted fit ended
+        assert all(torch.equal(a, b) for a, b in zip(rank["resumed_ema"], rank["ema"]))
+        assert all(torch.equal(a, b) for a, b in zip(rank["resumed_model"], rank["model"]))
+        # validating on the EMA changed nothing in the training
+        assert all(torch.equal(a, b) for a, b in zip(rank["model_validated_on_training_weights"], rank["model"]))

@@ -6,16 +6,26 @@
 The EMA is attached to the optimizer Lightning builds (``triton_ema.attach``):
 it updates inside that optimizer's ``step()`` and rides in its
 ``state_dict()``, so Lightning's checkpoints carry it and ``ckpt_path=``
-resumes it bitwise.
+resumes it bitwise. Under ``ModelParallelStrategy`` (FSDP2), whose
+distributed checkpoints keep only the optimizer's ``state`` and
+``param_groups``, the callback saves each rank's EMA shards beside them and
+loads them back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.distributed.fsdp import FSDPModule
+from torch.utils._pytree import tree_map
 
 from ..optimizer import EMAOptimizer, attach
 from ..schedules import Schedule
@@ -47,6 +57,20 @@ class EMACallback(pl.Callback):
         self.optimizer_index = optimizer_index
         self.ema: EMAOptimizer | None = None
         self._swapped = contextlib.ExitStack()
+        self._load_hook = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        if stage != "fit":
+            return
+        if isinstance(strategy, FSDPStrategy | DeepSpeedStrategy):
+            raise NotImplementedError(f"EMACallback under {type(strategy).__name__}: its checkpoints save the "
+                                      "optimizer without the EMA; use ModelParallelStrategy (FSDP2) or DDP")
+        # Lightning keeps this setting private; a full (not distributed) checkpoint would gather no EMA shards.
+        if isinstance(strategy, ModelParallelStrategy) and not getattr(strategy, "_save_distributed_checkpoint", True):
+            raise NotImplementedError("EMACallback under ModelParallelStrategy(save_distributed_checkpoint=False): "
+                                      "the EMA is saved only in distributed checkpoints; pass "
+                                      "save_distributed_checkpoint=True (the default)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning has built the optimizer (and wrapped the model) and restores its state after this hook.
@@ -56,7 +80,11 @@ class EMACallback(pl.Callback):
                              f"returned {len(optimizers)} optimizer(s)")
         if self.ema is not None:
             self.ema.detach()  # an earlier fit's optimizer
-        self.ema = attach(optimizers[self.optimizer_index], self.momentum, model=pl_module, **self.ema_kwargs)
+            self._load_hook.remove()
+        optimizer = optimizers[self.optimizer_index]
+        self.ema = attach(optimizer, self.momentum, model=pl_module, **self.ema_kwargs)
+        self._load_hook = optimizer.register_load_state_dict_pre_hook(
+            functools.partial(self._with_sharded_ema, trainer), prepend=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.ema_at_end:
@@ -64,27 +92,56 @@ class EMACallback(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.validate_on_ema:
-            self._swap_in("validate")
+            self._swap_in("validate", pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swapped.close()
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.test_on_ema:
-            self._swap_in("test")
+            self._swap_in("test", pl_module)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swapped.close()
 
-    def _swap_in(self, what: str) -> None:
+    def _swap_in(self, what: str, pl_module: pl.LightningModule) -> None:
         if self.ema is None:
             raise RuntimeError(f"EMACallback({what}_on_ema=True): there is no EMA to {what} on; fit with this "
                                f"callback in this process first ({what}(ckpt_path=...) then loads that checkpoint's "
                                f"EMA), or pass {what}_on_ema=False")
+        # FSDP2 keeps the root module's parameters gathered after a forward: resharded, the module's
+        # parameters are the swapped shards (not gathered copies of the other weights) on both sides of the swap.
+        _reshard(pl_module)
         self._swapped.enter_context(self.ema.swap_ema())
+        self._swapped.callback(_reshard, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._swapped.close()  # the training weights go back into the model
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # ModelParallelStrategy saves torch's get_optimizer_state_dict (state and param_groups only) with DCP:
+        # the EMA goes beside them, each rank writing its own shards.
+        states = checkpoint.get("optimizer_states")
+        if self.ema is not None and states and "ema" not in states[self.optimizer_index]:
+            states[self.optimizer_index]["ema"] = self.ema.ema_checkpoint.state_dict()
+
+    def _with_sharded_ema(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
+                          state_dict: dict[str, Any]) -> dict[str, Any] | None:
+        """A load pre-hook run before the attached EMA's: ModelParallelStrategy loads the optimizer from a
+        distributed checkpoint through torch's set_optimizer_state_dict, without "ema"; it joins here."""
+        saved = None if "ema" in state_dict else self._read_sharded_ema(trainer.ckpt_path)
+        return None if saved is None else {**state_dict, "ema": saved}
+
+    def _read_sharded_ema(self, path: str | None) -> dict[str, Any] | None:
+        """The EMA entry of a distributed checkpoint (a directory; this rank's shards), or None when it has none."""
+        if path is None or not Path(path).is_dir():
+            return None
+        key = f"optimizer_{self.optimizer_index}"
+        if not any(k.startswith(f"{key}.ema.") for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata):
+            return None
+        saved = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, self.ema.ema_checkpoint.state_dict())
+        dcp.load({key: {"ema": saved}}, checkpoint_id=path)
+        return saved
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Fitting, the optimizer's own load_state_dict restores the EMA. Testing or validating a
@@ -94,7 +151,15 @@ class EMACallback(pl.Callback):
             return
         states = checkpoint.get("optimizer_states") or [{}]
         saved = states[self.optimizer_index].get("ema") if self.optimizer_index < len(states) else None
+        saved = saved or self._read_sharded_ema(trainer.ckpt_path)
         if saved is None:
             raise RuntimeError("EMACallback: the checkpoint holds no EMA (saved without this callback, or with "
                                "weights only); pass validate_on_ema=False / test_on_ema=False to use its weights")
         self.ema.ema_checkpoint.load_state_dict(saved)
+
+
+def _reshard(module: torch.nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 module: the next forward gathers the shards again."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
