@@ -158,8 +158,14 @@ def run_fsdp(rank, world, store, out, mixed=False, device="cpu", backend="torch"
     restored = all(torch.equal(sharding.local(v), before[k]) for k, v in model.state_dict().items())
     ema = {k: v.cpu() for k, v in opt.ema_state_dict(full=True).items()}
     shard_sd = opt.state_dict()["ema"]["shadow"]
+    try:
+        opt.ema_module()
+        module_refused = None
+    except NotImplementedError as err:
+        module_refused = str(err)
     if rank == 0:
         torch.save({"ema": ema, "swapped_out": swapped_out.cpu(), "restored": restored, "local_numel": local_numel,
+                    "module_refused": module_refused,
                     "shadow_types": sorted({type(v).__name__ for v in shard_sd.values()}), "backends": backends}, out)
     _finish()
 

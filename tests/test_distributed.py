@@ -78,6 +78,7 @@ def test_fsdp2_shard_local_ema(tmp_path, reference, mixed, backend):
         expected = model(dist_cases.data(99)[0]).detach()
         assert_ulps(result["swapped_out"], expected.double(), scale=expected.abs().max().expand_as(expected), ulps=64)
     assert result["restored"]  # bitwise, on every parameter shard
+    assert "ema_module() is not available for sharded (DTensor, FSDP2) parameters" in result["module_refused"]
     assert all(v.dtype == torch.float32 for v in result["ema"].values())  # shadows follow the fp32 shards
 
 

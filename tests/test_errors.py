@@ -126,6 +126,20 @@ def step_in_swap():
         opt.step()
 
 
+def module_in_swap():
+    opt = wrapper()
+    target = opt.ema_module()
+    with opt.swap_ema():
+        target(torch.randn(2, 3, 4, 4, device=DEVICE))
+
+
+def moved_module():
+    opt = wrapper()
+    target = opt.ema_module()
+    target.fc.weight.data = target.fc.weight.data.clone()
+    target(torch.randn(2, 3, 4, 4, device=DEVICE))
+
+
 def non_dense_on_triton():
     strided = torch.nn.Parameter(torch.randn(8, 8, device=DEVICE)[:, ::2])
     EMAOptimizer(torch.optim.SGD([strided], lr=0.1), momentum=0.1, backend="triton")
@@ -292,6 +306,14 @@ ERRORS = [
     ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
     ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),
     ("ema_state_dict without model", no_model_for_ema_state_dict, RuntimeError, "needs the model: pass model="),
+    ("ema_module without model", lambda: EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1),
+                                                      momentum=0.1).ema_module(), RuntimeError,
+     "ema_module\\(\\) needs the model: pass model="),
+    ("ema_module of an unknown profile", lambda: wrapper(momentum={"a": 0.1}).ema_module("b"), ValueError,
+     "no EMA profile named 'b'"),
+    ("EMA module run inside swap_ema", module_in_swap, RuntimeError, "the EMA module was run inside swap_ema\\(\\)"),
+    ("EMA module whose tensors were replaced", moved_module, RuntimeError,
+     "weight of Linear no longer is the EMA storage"),
 ]
 if "triton" in BACKENDS:
     ERRORS.append(("non-dense param on triton", non_dense_on_triton, ValueError,

@@ -154,3 +154,13 @@ def test_synthesis_from_two_profiles_is_close_to_a_profile_tracked_directly(tmp_
 
     d_synth, d_short, d_long = distance(got), distance(opt.ema_state_dict("short")), distance(opt.ema_state_dict("long"))
     assert d_synth < min(d_short, d_long) / 5, (d_synth, d_short, d_long)
+
+
+def test_load_ema_state_dict_starts_every_profile_from_the_weights(backend):
+    model, opt = wrapper(backend)
+    elsewhere = make_model(seed=9, device=DEVICE).state_dict()
+    opt.load_ema_state_dict(elsewhere, num_steps=5)
+    assert opt.num_steps == 5
+    for name in PROFILES:
+        ema = opt.ema_state_dict(name)
+        assert all(torch.equal(ema[k], elsewhere[k]) for k, _ in model.named_parameters())

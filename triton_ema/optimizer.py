@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from . import migrate, sharding
 from .backends import BACKENDS
 from .hooks import AttachHooks, attached_ema
+from .module import EMAModuleLink, ema_module
 from .schedules import Constant, PowerFunction, Schedule, momentum_at, profile_schedules
 from .store import ShadowStore
 from .swap import SwapContext
@@ -95,6 +96,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         self._step = 0
         self._hooks: list[RemovableHandle] = []  # attach(): handles of the hooks on the wrapped optimizer
         self._match_names = True  # attached: load_state_dict's match_names, for the load hooks
+        self._module_links: dict[int, EMAModuleLink] = {}  # ema_module(): per profile, the module kept on the EMA
 
     # The wrapped optimizer's containers, shared (not copied): whatever
     # replaces them there (load_state_dict does) is seen here too.
@@ -138,6 +140,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         self._refuse_while_swapped("copying or pickling the optimizer")
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
         state["_hooks"] = []  # the copied optimizer has no hooks: a copy of an attached EMA is a wrapper
+        state["_module_links"] = {}  # EMA modules follow the original
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -239,6 +242,11 @@ class EMAOptimizer(torch.optim.Optimizer):
     def _update_ema(self, momenta: list[float]) -> None:
         self._sync()
         self._store.update(momenta, self.skip_nonfinite)
+        for profile, link in list(self._module_links.items()):
+            if link.alive() is None:
+                del self._module_links[profile]
+            else:
+                link.follow(strict=False)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -297,6 +305,25 @@ class EMAOptimizer(torch.optim.Optimizer):
         training weights still come back (into the moved tensors), the EMA keeps
         its values from before the move, and the exit raises an error."""
         return SwapContext(self, self._profile(name))
+
+    def ema_module(self, name: str | None = None) -> nn.Module:
+        """The EMA (of profile ``name``, needed with several) as a module with the
+        model's structure, whose averaged parameters and buffers are the EMA storage
+        itself: no copy, the current EMA after every ``step()`` (the same object keeps
+        following; calling this again returns it), ``requires_grad=False``, the
+        training model untouched. Needs ``model=``. See :mod:`triton_ema.module` for
+        dtypes, buffers and what it refuses (inside ``swap_ema()``, DTensor params)."""
+        profile = self._profile(name)
+        if self.model is None:
+            raise RuntimeError("ema_module() needs the model: pass model= to EMAOptimizer")
+        self._refuse_while_swapped("ema_module()")
+        link = self._module_links.get(profile)
+        module = None if link is None else link.alive()
+        if module is None:
+            with torch.no_grad():
+                self._sync()
+            module, self._module_links[profile] = ema_module(self, profile)
+        return module
 
     def _current_tensors(self) -> list[Tensor]:
         """The averaged tensors as the model holds them now (buffers that ``module.to()`` replaced)."""

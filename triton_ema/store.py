@@ -36,6 +36,7 @@ class ShadowStore:
         self.profiles = profiles
         self.skips: dict[torch.device, Tensor] = {}  # per device: bucket updates skipped for non-finite params
         self.held: list[Tensor] | None = None  # while swapped: the storage that swap_in swapped
+        self.generation = -1  # counts the layouts: views of the shadows taken before a rebuild are stale
         self.rebuild(list(tensors), list(names), [None] * len(tensors))
 
     def rebuild(self, tensors: list[Tensor], names: list[str], values: list[Sequence[Tensor] | None]) -> None:
@@ -51,6 +52,7 @@ class ShadowStore:
                 for views, v in zip(buckets[b].profile_views, value or ()):
                     views[slot].copy_(v)
         self.tensors, self.names, self.buckets, self.where = tensors, names, buckets, where
+        self.generation += 1
         self.watch = StorageWatch(tensors)
 
     def __len__(self) -> int:

@@ -77,7 +77,7 @@ class SwapContext:
         store = self._opt._store
         for i, kept in self._kept.items():
             shadow = store.shadow_view(i, self._profile)
-            if not _bitwise_equal(shadow, kept):
+            if not bitwise_equal(shadow, kept):
                 shadow.copy_(kept)
                 changed.append(store.names[i])
         self._kept = {}
@@ -90,7 +90,7 @@ class SwapContext:
                                    RuntimeWarning, *self._caller)
 
 
-def _bitwise_equal(a: Tensor, b: Tensor) -> bool:
+def bitwise_equal(a: Tensor, b: Tensor) -> bool:
     bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return torch.equal(a.view(bits), b.view(bits))
 
