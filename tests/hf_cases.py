@@ -1,7 +1,7 @@
 """A tiny model and data for the transformers Trainer and accelerate tests (tests/test_transformers.py,
 tests/accelerate_loop.py), and a float64 reference EMA."""
 
-import torch
+from models import float64_ema_step, regression_data, regression_net
 from torch import nn
 
 MOMENTUM = 0.3
@@ -12,8 +12,7 @@ class Regressor(nn.Module):
 
     def __init__(self, seed=0):
         super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.net = regression_net(seed)
 
     def forward(self, x, labels=None):
         out = self.net(x)
@@ -21,18 +20,8 @@ class Regressor(nn.Module):
 
 
 def dataset(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    y = x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=g)
+    x, y = regression_data(n, seed)
     return [{"x": x[i], "labels": y[i]} for i in range(n)]
-
-
-def loss_with(weights, rows):
-    model = Regressor()
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), weights):
-            p.copy_(w)
-        return model(torch.stack([r["x"] for r in rows]), torch.stack([r["labels"] for r in rows]))["loss"].item()
 
 
 class Float64EMA:
@@ -43,5 +32,4 @@ class Float64EMA:
         self.ema = [p.detach().double().clone() for p in params]
 
     def update(self, params):
-        m = self.momentum
-        self.ema = [s + m * (p.detach().double() - s) for s, p in zip(self.ema, params)]
+        self.ema = float64_ema_step(self.ema, params, self.momentum)

@@ -3,27 +3,20 @@ tests/test_lightning.py and the DDP script it launches (tests/lightning_ddp.py).
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from models import float64_ema_step, regression_data, regression_net
 from torch.utils.data import DataLoader, TensorDataset
 
 MOMENTUM, BATCH = 0.3, 8
 
 
-def data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    return TensorDataset(x, x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=g))
-
-
 def loader(n=32, seed=0):
-    return DataLoader(data(n, seed), batch_size=BATCH, shuffle=False)
+    return DataLoader(TensorDataset(*regression_data(n, seed)), batch_size=BATCH, shuffle=False)
 
 
 class Regressor(pl.LightningModule):
     def __init__(self, seed=0):
         super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.net = regression_net(seed)
 
     def loss(self, batch):
         x, y = batch
@@ -55,8 +48,7 @@ class Reference(pl.Callback):
         self.ema = [p.detach().double().clone() for p in pl_module.parameters()]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        m = self.momentum
-        self.ema = [s + m * (p.detach().double() - s) for s, p in zip(self.ema, pl_module.parameters())]
+        self.ema = float64_ema_step(self.ema, pl_module.parameters(), self.momentum)
         self.training = [p.detach().clone() for p in pl_module.parameters()]
 
     def on_validation_epoch_start(self, trainer, pl_module):

@@ -1,12 +1,11 @@
 """A tiny mmengine model, data and Runner for tests/test_mmengine.py and the DDP script it launches
 (tests/mmengine_ddp.py)."""
 
-import torch
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
-from torch import nn
+from models import float64_ema_step, regression_data, regression_net
 
 ITERS_PER_EPOCH = 4
 
@@ -14,8 +13,7 @@ ITERS_PER_EPOCH = 4
 class Regressor(BaseModel):
     def __init__(self, seed=0):
         super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.net = regression_net(seed)
 
     def forward(self, x, y, mode="loss"):
         loss = (self.net(x) - y).square().mean()
@@ -33,15 +31,8 @@ class LossMetric(BaseMetric):
 
 
 def samples(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    y = x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=g)
+    x, y = regression_data(n, seed)
     return [{"x": x[i], "y": y[i]} for i in range(n)]
-
-
-def batches(n, seed):
-    rows = samples(n, seed)
-    return [{k: torch.stack([r[k] for r in rows[i:i + 4]]) for k in rows[0]} for i in range(0, n, 4)]
 
 
 def loader(n, seed):
@@ -63,8 +54,7 @@ class Float64EMA(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         t = runner.iter
         if t % self.interval == 0:
-            m = self.schedule(t)
-            self.ema = [s + m * (p.detach().double() - s) for s, p in zip(self.ema, _module(runner).parameters())]
+            self.ema = float64_ema_step(self.ema, _module(runner).parameters(), self.schedule(t))
 
     def before_val_epoch(self, runner):
         self.at_validation.append([p.detach().clone() for p in _module(runner).parameters()])

@@ -50,3 +50,31 @@ def make_base(kind, params, **kw):
 def shadows(opt):
     """Copies of the EMA of every parameter, in the optimizer's order."""
     return [s.clone() for s in opt.state_dict()["ema"]["shadow"].values()]
+
+
+# The toy regression that the framework integration tests fit (tests/*_cases.py): 4 features, one target.
+
+def regression_data(n, seed):
+    """``n`` rows of x (4 features) and y = sin(sum of x) + noise, the same for a given seed."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return x, x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=g)
+
+
+def regression_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def regression_loss(weights, x, y):
+    """The mean squared error over the rows ``x``, ``y`` of a :func:`regression_net` holding ``weights``."""
+    net = regression_net()
+    with torch.no_grad():
+        for p, w in zip(net.parameters(), weights):
+            p.copy_(w)
+        return (net(x) - y).square().mean().item()
+
+
+def float64_ema_step(ema, params, momentum):
+    """One update of a float64 reference EMA: ``s + m (p - s)`` for each shadow ``s`` and weight ``p``."""
+    return [s + momentum * (p.detach().double() - s) for s, p in zip(ema, params)]

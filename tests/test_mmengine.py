@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_ulps
+from models import regression_data, regression_loss
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("mmengine", reason="mmengine is not installed (pip install -e '.[test]')")
@@ -40,14 +41,6 @@ STEPS = EPOCHS * cases.ITERS_PER_EPOCH
 def assert_close_to(reference, tensors, ulps=16):
     for t, r in zip(tensors, reference):
         assert_ulps(t, r, scale=r.abs().max().expand_as(r), ulps=ulps)
-
-
-def loss_with(weights):
-    model = cases.Regressor()
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), weights):
-            p.copy_(w)
-        return sum(model(**b)["loss"].item() for b in cases.batches(16, 1)) / 4
 
 
 @pytest.fixture
@@ -81,7 +74,7 @@ def test_train_keeps_the_ema_and_validates_on_it(ran):
     assert_close_to(reference.ema, reference.at_validation[-1])  # the model held the EMA during validation
     assert all(torch.equal(a, b) for a, b in zip(params(runner), ran["final"]["params"]))  # and training weights after
     logged = runner.message_hub.get_scalar("val/loss").current()
-    assert logged == pytest.approx(loss_with(reference.ema), rel=1e-5)
+    assert logged == pytest.approx(regression_loss(reference.ema, *regression_data(16, 1)), rel=1e-5)
 
 
 def test_cosine_ema_from_begin_epoch_follows_the_mapped_schedule(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_ulps
+from models import regression_data, regression_loss
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
@@ -67,9 +68,9 @@ def test_train_keeps_the_ema_and_evaluates_on_it(trained):
     assert trainer.ema.attached and trainer.ema.num_steps == EPOCHS * STEPS_PER_EPOCH == trainer.state.global_step
     assert_close_to(reference.ema.ema, trainer.ema.ema_state_dict().values())
     metrics = trainer.evaluate()
-    rows = cases.dataset(16, 1)
-    assert metrics["eval_loss"] == pytest.approx(cases.loss_with(reference.ema.ema, rows), rel=1e-5)
-    assert metrics["eval_loss"] != pytest.approx(cases.loss_with(list(trainer.model.parameters()), rows), rel=1e-3)
+    rows = regression_data(16, 1)
+    assert metrics["eval_loss"] == pytest.approx(regression_loss(reference.ema.ema, *rows), rel=1e-5)
+    assert metrics["eval_loss"] != pytest.approx(regression_loss(list(trainer.model.parameters()), *rows), rel=1e-3)
     assert all(torch.equal(v, trained["final"]["model"][k]) for k, v in trainer.model.state_dict().items())
 
 
