@@ -1,7 +1,7 @@
 """Lightning's ModelParallelStrategy (FSDP2, DTensor shards) on 2 CPU processes (gloo) with EMACallback;
 run by tests/test_lightning.py. A fit that checkpoints every epoch (distributed checkpoints), a fit resumed
 from one of them with other initial weights, a test on a checkpoint's EMA, and a fit that validates on the
-training weights. Each rank saves whole tensors."""
+training weights with ema_at_end=True. Each rank saves whole tensors."""
 
 import sys
 from pathlib import Path
@@ -58,7 +58,10 @@ if __name__ == "__main__":
     result.update(resumed_steps=resumed_ema.ema.num_steps, resumed_ema=whole(resumed_ema.ema.ema_state_dict().values()),
                   resumed_model=whole(resumed.parameters()))
 
-    plain = Sharded()  # validation on the training weights: the training must be the same, bitwise
-    trainer([EMACallback(cases.MOMENTUM, validate_on_ema=False)]).fit(plain, cases.loader(), cases.loader(16, seed=1))
-    result["model_validated_on_training_weights"] = whole(plain.parameters())
+    # Validation on the training weights: the training, hence the EMA, must be the same, bitwise; with
+    # ema_at_end=True the model then holds the EMA.
+    plain, plain_ema = Sharded(), EMACallback(cases.MOMENTUM, validate_on_ema=False, ema_at_end=True)
+    trainer([plain_ema]).fit(plain, cases.loader(), cases.loader(16, seed=1))
+    result.update(ema_validated_on_training_weights=whole(plain_ema.ema.ema_state_dict().values()),
+                  model_at_end=whole(plain.parameters()))
     torch.save(result, out / f"rank{fit.global_rank}.pt")
