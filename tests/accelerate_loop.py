@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import GradScalerKwargs
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,7 +54,8 @@ def copied(state):
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    accelerator = Accelerator()
+    # fp16: a small first loss scale, so that the only skipped step is the one given an infinite gradient.
+    accelerator = Accelerator(kwargs_handlers=[GradScalerKwargs(init_scale=2.0**8)])
     model, optimizer, loader, ema = prepare(accelerator, seed=0)
     reference = cases.Float64EMA(accelerator.unwrap_model(model).parameters())
     skipped = train(accelerator, model, optimizer, loader, ema, range(2), reference)
