@@ -132,3 +132,13 @@ def test_fsdp2_model_parallel_strategy_on_two_cpu_processes(tmp_path):
         # validating on the EMA changed nothing in the training; ema_at_end=True puts the EMA in the model
         assert all(torch.equal(a, b) for a, b in zip(rank["ema_validated_on_training_weights"], rank["ema"]))
         assert all(torch.equal(a, b) for a, b in zip(rank["model_at_end"], rank["ema"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs a CUDA GPU (it refuses "
+                    "accelerator='cpu')")
+def test_fsdp1_strategy_is_refused_when_fit_sets_up():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = pl.Trainer(strategy=FSDPStrategy(), accelerator="cuda", devices=1, logger=False)
+    with pytest.raises(NotImplementedError, match="EMACallback under FSDPStrategy: its checkpoints save the optimizer"):
+        EMACallback(cases.MOMENTUM).setup(trainer, cases.Regressor(), "fit")
