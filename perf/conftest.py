@@ -19,14 +19,15 @@ NAMES = ["tiny-many", "tiny-gpt2"] if TINY else [
     w for w in ("2000x4096", "gpt2-small", "1b") if DEVICE.type == "cuda" or not WORKLOADS[w].gpu_only]
 
 
-def cases(job):
-    """(provider, workload, dtype) parameters for ``job``; absent peers are skipped with their reason."""
+def cases(job, names=None):
+    """(provider, workload, dtype) parameters for ``job`` on the workloads ``names`` (default:
+    ``NAMES``); absent peers are skipped with their reason."""
     out = []
     for provider in providers():
         if job not in provider.jobs:
             continue
         marks = [pytest.mark.skip(reason=provider.absent)] if provider.absent else []
-        for name in NAMES:
+        for name in names or NAMES:
             for dtype in DTYPES:
                 out.append(pytest.param(provider, WORKLOADS[name], dtype, marks=marks,
                                         id=f"{name}-{dtype}-{provider.name}"))

@@ -4,8 +4,9 @@ Runs the test suite (on CUDA when there is a GPU), the bench command and,
 on a GPU, the kernel sweep; writes their output to
 ``perf/results/<device>/`` (tests.txt, bench.txt/json/png, sweep.txt/json),
 ready to commit. ``--parts`` runs some of them (one call each on a machine
-that limits how long a command may run); ``--tiny --parts bench sweep``
-checks the machinery in a minute.
+that limits how long a command may run); ``--jobs`` some of the bench's jobs
+(with ``--out`` a folder of their own, so as not to overwrite a full run);
+``--tiny --parts bench sweep`` checks the machinery in a minute.
 """
 
 import argparse
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from triton_ema.bench.__main__ import JOBS
 from triton_ema.bench.measure import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +39,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="default: perf/results/<device name>")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="the sweep runs on a GPU (or with --tiny)")
+    p.add_argument("--jobs", nargs="+", choices=JOBS, help="the bench's jobs (default: all)")
     p.add_argument("--tiny", action="store_true", help="tiny workloads: checks the machinery, measures nothing")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -44,9 +47,10 @@ def main(argv=None) -> int:
     out = args.out or ROOT / "perf" / "results" / re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     out.mkdir(parents=True, exist_ok=True)
     tiny = ["--tiny"] if args.tiny else []
+    jobs = ["--jobs", *args.jobs] if args.jobs else []
     commands = {
         "tests": [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        "bench": [sys.executable, "-m", "triton_ema.bench", "--quiet", "--out", str(out), *tiny],
+        "bench": [sys.executable, "-m", "triton_ema.bench", "--quiet", "--out", str(out), *tiny, *jobs],
         "sweep": [sys.executable, "perf/sweep.py", "--out", str(out / "sweep.json"), *tiny] if gpu or args.tiny else None,
     }
     failed = [part for part in args.parts if commands[part] and run(commands[part], out / f"{part}.txt")]

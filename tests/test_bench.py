@@ -1,22 +1,37 @@
 """Smoke tests: the bench command and the perf suites run and write well-formed output."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from triton_ema.bench.__main__ import main
-from triton_ema.bench.providers import providers
+from triton_ema.bench.measure import PROFILE_JOBS, WORKLOADS
+from triton_ema.bench.providers import DTYPES, providers
 from triton_ema.bench.targets import OURS, PEER, TARGETS, check, report
 from triton_ema.bench.train import variants
 
 ROOT = Path(__file__).resolve().parents[1]
+JOBS = {"update", "update-k2", "update-k4", "swap", "step", "host", "parity", "train"}
 
 
-def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
-    main(["--tiny", "--out", str(tmp_path), "--quiet", "--reps", "2"])
-    result = json.loads((tmp_path / "bench.json").read_text())
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One run of the bench command on its tiny workloads: (out folder, bench.json, what it printed)."""
+    out = tmp_path_factory.mktemp("bench")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["--tiny", "--out", str(out), "--quiet", "--reps", "2"])
+    return out, json.loads((out / "bench.json").read_text()), printed.getvalue()
+
+
+def test_bench_command_writes_table_json_and_plot(tiny_run):
+    tmp_path, result, out = tiny_run
     env, rows = result["environment"], result["rows"]
     assert {"device", "torch", "triton", "commit", "date", "copy_gbps"} <= env.keys() and env["copy_gbps"] > 0
     present = {p.name for p in providers() if p.absent is None}
@@ -26,7 +41,7 @@ def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
         assert r["median_ms"] > 0 and r["triton_ema_speedup"] > 0
         assert (r["peak_extra_mb"] is None) == (r["job"] == "train")
         assert (r["gbps"] is None) == (r["job"] in ("step", "host", "train"))
-    assert {r["job"] for r in rows} == {"update", "swap", "step", "host", "parity", "train"}
+    assert {r["job"] for r in rows} == JOBS
     parity = {r["provider"] for r in rows if r["job"] == "parity"}
     assert parity == {p.name for p in providers() if p.absent is None and "parity" in p.jobs}
     assert parity >= {"triton-ema[torch]", "foreach_lerp"}
@@ -36,8 +51,28 @@ def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert [t["target"] for t in result["targets"]] == [str(t) for t in TARGETS]
     assert all(t["status"] == "not measured" and t["value"] is None for t in result["targets"])  # tiny workloads
-    out = capsys.readouterr().out
     assert "device copy:" in out and "not measured" in out
+
+
+def test_profile_rows_count_param_and_two_k_shadows_per_element(tiny_run):
+    """The K-profile update: every provider of it, on the tiny workload and both dtypes; GB/s
+    from param + 2·K·shadow bytes per element (shadows in the params' dtype where the peer keeps them so)."""
+    _, result, _ = tiny_run
+    named = {p.name: p for p in providers() if p.absent is None and "update-k2" in p.jobs}
+    assert {"triton-ema[torch]", "K x triton-ema[torch]", "K x foreach_lerp", "EDM2 loop (transcribed)"} <= set(named)
+    assert ("PostHocEMA (ema-pytorch)" in named) == ("PostHocEMA (ema-pytorch)" not in result["environment"]["absent"])
+    for job, k in PROFILE_JOBS.items():
+        rows = [r for r in result["rows"] if r["job"] == job]
+        assert sorted((r["provider"], r["workload"], r["dtype"]) for r in rows) == sorted(
+            (name, "tiny-many", d) for name in named for d in DTYPES)
+        for r in rows:
+            param, shadow = DTYPES[r["dtype"]]
+            if not named[r["provider"]].own_shadow_dtype:
+                shadow = param
+            assert r["shadow"] == str(shadow).removeprefix("torch.")
+            per_element = param.itemsize + 2 * k * DTYPES[r["dtype"]][1].itemsize  # counted with the shadow asked for
+            assert r["numel"] == WORKLOADS[r["workload"]].numel
+            assert r["gbps"] == pytest.approx(per_element * r["numel"] / (r["median_ms"] / 1e3) / 1e9)
 
 
 def test_perf_suites_run(tmp_path):
@@ -47,15 +82,16 @@ def test_perf_suites_run(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     benchmarks = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
     jobs = {b["extra_info"]["job"] for b in benchmarks}
-    assert jobs == {"update", "swap", "step", "storage check", "host step", "parity", "train"}
-    assert all(b["extra_info"]["gbps"] > 0 for b in benchmarks if b["extra_info"]["job"] in ("update", "swap"))
+    assert jobs == {"update", "update-k2", "update-k4", "swap", "step", "storage check", "host step", "parity", "train"}
+    assert all(b["extra_info"]["gbps"] > 0 for b in benchmarks if b["extra_info"]["job"] in ("update", "swap", *PROFILE_JOBS))
 
 
 def test_record_writes_bench_and_sweep(tmp_path):
-    cmd = [sys.executable, "perf/record.py", "--tiny", "--parts", "bench", "sweep", "--out", str(tmp_path)]
+    # One job of the bench (the command's every job runs in test_bench_command_writes_table_json_and_plot).
+    cmd = [sys.executable, "perf/record.py", "--tiny", "--parts", "bench", "sweep", "--jobs", "update-k2", "--out", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {r["job"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]} == {"update-k2"}
     assert "device copy:" in (tmp_path / "bench.txt").read_text()
     assert (tmp_path / "bench.png").exists() and not (tmp_path / "tests.txt").exists()
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
@@ -77,7 +113,7 @@ def test_targets_are_met_missed_or_not_measured():
         _row(OURS, "host", "1000x4096", "fp32", 0.051),
     ]
     found = {r["target"]: (r["status"], r["value"]) for r in check(rows)}
-    assert found == {
+    expected = {
         "update 1b fp32: >= 90% of copy bandwidth": ("met", 0.91),
         "update 1b bf16: >= 90% of copy bandwidth": ("not measured", None),
         "swap 1b fp32: >= 90% of copy bandwidth": ("missed", 0.89),
@@ -88,7 +124,30 @@ def test_targets_are_met_missed_or_not_measured():
         "parity 2000x4096 fp32: triton-ema[torch] at least as fast as foreach_lerp": ("not measured", None),
         "parity 150x300000 fp32: triton-ema[torch] at least as fast as foreach_lerp": ("not measured", None),
     }
-    assert report(check(rows)).count("not measured") == 5  # four targets, and the note on why
+    assert {t: found[t] for t in expected} == expected
+    assert {found[t] for t in found.keys() - expected.keys()} == {("not measured", None)}  # the K-profile targets
+    unmeasured = sum(status == "not measured" for status, _ in found.values())
+    assert report(check(rows)).count("not measured") == unmeasured + 1  # and the note on why
+
+
+def test_profile_targets_compare_with_k_separate_updates_and_post_hoc_ema():
+    cpu, k_lerps, gpt2 = "triton-ema[torch]", "K x foreach_lerp", "gpt2-small"
+    rows = [_row(OURS, "update-k2", "1b", "fp32", 20.0, 0.92), _row("K x triton-ema[triton]", "update-k2", "1b", "fp32", 22.0),
+            _row(OURS, "update-k4", "1b", "bf16", 30.0, 0.85),
+            _row(OURS, "update-k2", gpt2, "fp32", 1.0), _row("PostHocEMA (ema-pytorch)", "update-k2", gpt2, "fp32", 6.0),
+            _row(cpu, "update-k2", gpt2, "fp32", 100.0), _row(k_lerps, "update-k2", gpt2, "fp32", 101.0),
+            _row(cpu, "update-k4", "2000x4096", "bf16", 50.0), _row(k_lerps, "update-k4", "2000x4096", "bf16", 40.0),
+            _row(PEER, "update-k2", "1b", "fp32", 1.0)]  # a single foreach_lerp is no peer of the K-profile targets
+    found = {r["target"]: (r["status"], r["value"]) for r in check(rows) if r["target"].startswith("update-k")}
+    assert {t: v for t, v in found.items() if v[0] != "not measured"} == {
+        "update-k2 1b fp32: >= 90% of copy bandwidth": ("met", 0.92),
+        "update-k4 1b bf16: >= 90% of copy bandwidth": ("missed", 0.85),
+        "update-k2 1b fp32: >= 1.15x faster than K x triton-ema[triton]": ("missed", 22.0 / 20.0),
+        "update-k2 gpt2-small fp32: >= 5x faster than PostHocEMA (ema-pytorch)": ("met", 6.0),
+        "update-k2 gpt2-small fp32: triton-ema[torch] at least as fast as K x foreach_lerp": ("met", 101.0 / 100.0),
+        "update-k4 2000x4096 bf16: triton-ema[torch] at least as fast as K x foreach_lerp": ("missed", 40.0 / 50.0),
+    }
+    assert len(found) == 14
 
 
 def test_parity_targets_compare_the_torch_backend_with_a_bare_foreach_lerp():

@@ -15,16 +15,18 @@ from pathlib import Path
 
 import torch
 
-from .measure import WORKLOADS, environment, host_time, interleaved, job_bytes, median, peak_extra_bytes, timer
+from .measure import PROFILE_JOBS, WORKLOADS, environment, host_time, interleaved, job_bytes, median, peak_extra_bytes, timer
 from .providers import DTYPES, copy_job, make_job, providers
 from .targets import check, report
 from .train import default_config, train_rows
 
-JOBS = ("update", "swap", "step", "host", "parity", "train")
+JOBS = ("update", *PROFILE_JOBS, "swap", "step", "host", "parity", "train")
 # The host time of the EMA part of a step is measured on 1,000 tensors; the parity of a whole
 # opt.step() with a bare torch._foreach_lerp_ on many small and on fewer large tensors, fp32.
 JOB_WORKLOADS = {"host": ["1000x4096"], "parity": ["2000x4096", "150x300000"]}
 JOB_DTYPES = {"parity": ["fp32"]}
+# Jobs that --tiny runs on one tiny workload only (in Triton's CPU interpreter a K-profile row takes seconds).
+TINY_ONE_WORKLOAD = {*JOB_WORKLOADS, *PROFILE_JOBS}
 
 
 def parse_args(argv):
@@ -49,13 +51,21 @@ def parse_args(argv):
     return args
 
 
+def timed_in_turn(job: str, device: torch.device) -> bool:
+    """Whether the providers of one (job, workload, dtype) are timed in turn, call by call: the
+    parity rows, and on a CPU the K-profile updates (their target is parity with K bare
+    torch._foreach_lerp_ calls). On a GPU each K-profile row is timed alone, so that one
+    provider's K shadows of 1B params at a time take the device's memory."""
+    return job == "parity" or (job in PROFILE_JOBS and device.type == "cpu")
+
+
 def run_rows(tasks, args, measure):
-    """One row per task. Parity tasks (one job, workload and dtype) are timed in turn, call by
-    call, and three times as often: the rows are compared with each other to a few percent."""
-    if tasks[0][1] != "parity":
+    """One row per task. Tasks timed in turn (one job, workload and dtype) are timed three times
+    as often (but with --tiny): the rows are compared with each other to a few percent."""
+    if not timed_in_turn(tasks[0][1], args.device):
         return [run_row(*task, args, measure) for task in tasks]
     fns = [make_job(p, job, w, d, args.device) for p, job, w, d in tasks]
-    times = interleaved(fns, 3 * args.reps, measure)
+    times = interleaved(fns, args.reps if args.tiny else 3 * args.reps, measure)
     return [run_row(*task, args, measure, made=(fn, ts)) for task, fn, ts in zip(tasks, fns, times)]
 
 
@@ -91,14 +101,14 @@ def add_ratios(rows, copy_gbps):
 
 
 def table(rows) -> str:
-    head = (f"{'job':6} {'workload':11} {'dtype':5} {'provider':26} {'shadow':8} {'ms':>9} {'GB/s':>7} {'copy%':>6} "
+    head = (f"{'job':9} {'workload':11} {'dtype':5} {'provider':26} {'shadow':8} {'ms':>9} {'GB/s':>7} {'copy%':>6} "
             f"{'ours x':>7} {'+MB':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         gbps = f"{r['gbps']:7.1f}" if r["gbps"] else f"{'-':>7}"
         frac = f"{100 * r['copy_fraction']:5.0f}%" if r["copy_fraction"] else f"{'-':>6}"
         extra = f"{r['peak_extra_mb']:8.1f}" if r["peak_extra_mb"] is not None else f"{'-':>8}"
-        lines.append(f"{r['job']:6} {r['workload']:11} {r['dtype']:5} {r['provider']:26} {r['shadow']:8} {r['median_ms']:9.3f} "
+        lines.append(f"{r['job']:9} {r['workload']:11} {r['dtype']:5} {r['provider']:26} {r['shadow']:8} {r['median_ms']:9.3f} "
                      f"{gbps} {frac} {r['triton_ema_speedup']:6.2f}x {extra}")
     return "\n".join(lines)
 
@@ -118,7 +128,7 @@ def plot(rows, env, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    jobs = [j for j in ("update", "swap") if any(r["job"] == j and r["gbps"] for r in rows)]
+    jobs = [j for j in ("update", *PROFILE_JOBS, "swap") if any(r["job"] == j and r["gbps"] for r in rows)]
     own_dtype = {r["provider"] for r in rows if r["dtype"] == "bf16" and r["shadow"] != "float32"}
     fig, axes = plt.subplots(1, max(1, len(jobs)), figsize=(7 * max(1, len(jobs)), 4.5), squeeze=False)
     for ax, job in zip(axes[0], jobs):
@@ -163,10 +173,10 @@ def main(argv=None) -> dict:
     env["absent"] = {p.name: p.absent for p in providers() if p.absent is not None}
     batches = []  # tasks timed together: one (job, workload, dtype) at a time
     for job in args.jobs:
-        for w in ["tiny-many"] if args.tiny and job in JOB_WORKLOADS else JOB_WORKLOADS.get(job, args.workloads):
+        for w in ["tiny-many"] if args.tiny and job in TINY_ONE_WORKLOAD else JOB_WORKLOADS.get(job, args.workloads):
             for d in [d for d in JOB_DTYPES.get(job, args.dtypes) if d in args.dtypes]:
                 batch = [(p, job, WORKLOADS[w], d) for p in available if job in p.jobs]
-                batches += [batch] if job == "parity" else [[task] for task in batch]
+                batches += [batch] if timed_in_turn(job, args.device) else [[task] for task in batch]
     rows = [row for batch in tqdm([b for b in batches if b], desc="bench", unit="row", disable=args.quiet)
             for row in run_rows(batch, args, measure)]
     if "train" in args.jobs:
@@ -188,7 +198,8 @@ def main(argv=None) -> dict:
     for name, why in env["absent"].items():
         print(f"absent: {name}: {why}")
     print("GB/s counts the bytes the job must move with the shadow dtype asked for (fp32 for bf16 params); a provider\n"
-          "that keeps shadows in the params' dtype (see 'shadow') moves fewer, so its GB/s reads high.")
+          "that keeps shadows in the params' dtype (see 'shadow') moves fewer, so its GB/s reads high.\n"
+          "update-kK: K EMAs of the same params in one update (param + 2·K·shadow bytes per element).")
     print(report(result["targets"]))
     print(f"wrote {json_path} and {png_path}")
     return result

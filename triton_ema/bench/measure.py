@@ -51,10 +51,16 @@ WORKLOADS = {
     "tiny-gpt2": Workload("tiny-gpt2", gpt2_small_shapes(d=16, layers=2, vocab=100, ctx=32)),
 }
 
+# The K-profile update: K EMAs of the same params in one update, by job name.
+PROFILE_JOBS = {"update-k2": 2, "update-k4": 4}
+
+
 # Bytes a job must move per element, for (param bytes, shadow bytes): the design's formulas.
 def job_bytes(job: str, ep: int, es: int) -> int | None:
     if job in ("update", "parity"):  # read param, read + write shadow
         return ep + 2 * es
+    if job in PROFILE_JOBS:  # read the param once, read + write K shadows
+        return ep + 2 * PROFILE_JOBS[job] * es
     if job == "swap":  # in and out: an in-place exchange twice, or stash + copy in, copy back
         return 4 * (ep + es) if ep == es else 5 * ep + es
     return None  # a whole optimizer step: time only

@@ -9,6 +9,8 @@ Peers that are not installed are reported absent, never faked.
 from __future__ import annotations
 
 import copy
+import functools
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,8 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import EMAOptimizer
+from .measure import PROFILE_JOBS
 
 MOMENTUM = 1e-3  # decay 0.999: the value does not change the cost
+# The K-profile update (jobs update-k2, update-k4): K EMAs of the same params, each with its own
+# momentum (_momenta; the values do not change the cost) or, for the peers that take a width, its
+# own EDM2 sigma_rel: the paper's two profiles, then two more.
+SIGMA_RELS = (0.05, 0.10, 0.15, 0.20)
 # Benchmark dtypes: fp32 params and shadows; bf16 params with fp32 shadows.
 DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.float32)}
 Job = Callable[[], None]
@@ -47,9 +54,29 @@ def _ends(params: list[Tensor], shadow_dtype: torch.dtype) -> list[Tensor]:
 # --- triton-ema ------------------------------------------------------------
 
 
-def _ema(params, shadow_dtype, backend) -> EMAOptimizer:
-    return EMAOptimizer(torch.optim.SGD(params, lr=0.0), momentum=MOMENTUM, shadow_dtype=shadow_dtype,
+def _ema(params, shadow_dtype, backend, momentum=MOMENTUM) -> EMAOptimizer:
+    return EMAOptimizer(torch.optim.SGD(params, lr=0.0), momentum=momentum, shadow_dtype=shadow_dtype,
                         backend=backend)
+
+
+def _momenta(k: int) -> list[float]:
+    return [MOMENTUM / 2**i for i in range(k)]
+
+
+def _per_profile_count(job: Callable) -> dict[str, Callable]:
+    """``job(params, shadow_dtype, k)`` as one job per K-profile job name."""
+    return {name: functools.partial(job, k=k) for name, k in PROFILE_JOBS.items()}
+
+
+def _triton_absent(backend: str) -> str | None:
+    if backend != "triton":
+        return None
+    probe = torch.nn.Parameter(torch.zeros(16, device="cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        _ema([probe], None, "triton")
+    except (ValueError, ImportError) as err:
+        return str(err)
+    return None
 
 
 class _Idle(torch.optim.Optimizer):
@@ -83,17 +110,29 @@ def triton_ema(backend: str) -> Provider:
     def host(params, shadow_dtype):
         return EMAOptimizer(_Idle(params), momentum=MOMENTUM, shadow_dtype=shadow_dtype, backend=backend).step
 
-    absent = None
-    if backend == "triton":
-        probe = torch.nn.Parameter(torch.zeros(16, device="cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            _ema([probe], None, "triton")
-        except (ValueError, ImportError) as err:
-            absent = str(err)
+    def profiles(params, shadow_dtype, k):  # one EMAOptimizer with K profiles: each param read once for all
+        momenta = _momenta(k)
+        opt = _ema(params, shadow_dtype, backend, {f"ema{i}": m for i, m in enumerate(momenta)})
+        return lambda: opt._update_ema(momenta)
+
     # "host": a whole opt.step() over an idle base optimizer, timed on the host without waiting for the device;
     # "parity": the same step, timed with the device, against a bare torch._foreach_lerp_.
-    jobs = {"update": update, "swap": swap, "step": step, "host": host, "parity": host}
-    return Provider(f"triton-ema[{backend}]", jobs, absent)
+    jobs = {"update": update, "swap": swap, "step": step, "host": host, "parity": host, **_per_profile_count(profiles)}
+    return Provider(f"triton-ema[{backend}]", jobs, _triton_absent(backend))
+
+
+def separate_triton_ema(backend: str) -> Provider:
+    """K EMAOptimizers of one profile each over the same params: each reads the params."""
+    def profiles(params, shadow_dtype, k):
+        momenta = _momenta(k)
+        opts = [_ema(params, shadow_dtype, backend, m) for m in momenta]
+
+        def run():
+            for opt, m in zip(opts, momenta):
+                opt._update_ema([m])
+        return run
+
+    return Provider(f"K x triton-ema[{backend}]", _per_profile_count(profiles), _triton_absent(backend))
 
 
 # --- torch and the loops other libraries use ----------------------------------
@@ -104,6 +143,18 @@ def _foreach_lerp(params, shadow_dtype):
     if all(p.dtype == shadow_dtype for p in params):
         return lambda: torch._foreach_lerp_(shadows, [p.detach() for p in params], MOMENTUM)
     return lambda: torch._foreach_lerp_(shadows, _ends(params, shadow_dtype), MOMENTUM)
+
+
+def _foreach_lerp_per_profile(params, shadow_dtype, k):
+    """K bare torch._foreach_lerp_ calls; params upcast for wider shadows once per update, shared by the K calls."""
+    rows = [_shadows(params, shadow_dtype) for _ in range(k)]
+    momenta = _momenta(k)
+
+    def run():
+        ends = _ends(params, shadow_dtype)
+        for shadows, m in zip(rows, momenta):
+            torch._foreach_lerp_(shadows, ends, m)
+    return run
 
 
 def _mul_add_loop(params, shadow_dtype):  # mmcv EMAHook
@@ -192,6 +243,51 @@ def _ema_pytorch_update(params, shadow_dtype):
     return ema.update
 
 
+def _post_hoc_ema(params, shadow_dtype, k):
+    """ema-pytorch's PostHocEMA with K sigma_rels: one KarrasEMA (a deep copy of the model, in the
+    params' dtype) per sigma_rel, each updated by its own per-tensor lerp_ loop, reading its step
+    counter on the host. update_every=1 so that every call updates (its default, 100, skips 99 calls
+    of 100); checkpoints are a separate cost, left out ("manual")."""
+    from ema_pytorch import PostHocEMA
+
+    folder = tempfile.TemporaryDirectory(prefix="post-hoc-ema-")  # it makes its checkpoint folder at once
+    emas = PostHocEMA(_module(params), sigma_rels=SIGMA_RELS[:k], update_every=1, checkpoint_every_num_steps="manual",
+                      checkpoint_folder=folder.name)
+    emas.update()  # the first call copies
+
+    def run(_folder=folder):  # the folder lives as long as the job
+        emas.update()
+    return run
+
+
+def _edm2_loop(params, shadow_dtype, k):
+    """EDM2's power-function EMA update, transcribed from its training code (NVlabs/edm2,
+    training/phema.py, ``PowerFunctionEMA.update``, called by training/training_loop.py after
+    ``cur_nimg += batch_size``): for each profile, beta from its std (the cubic's roots solved
+    by numpy on every call), then ``p_ema.lerp_(p_net, 1 - beta)`` parameter by parameter.
+    The EMAs are deep copies of the net: the params' dtype. Counted here in steps (batch size 1)."""
+    import numpy as np
+
+    stds = SIGMA_RELS[:k]
+    net = _module(params)
+    emas = [copy.deepcopy(net) for _ in stds]
+    batch_size = 1
+    cur_nimg = [batch_size]  # one update done (the first copies: the deep copies are that copy)
+
+    def std_to_exp(std):
+        t = np.float64(std) ** -2
+        return np.roots([1, 7, 16 - t, 12 - t]).real.max()
+
+    @torch.no_grad()
+    def run():
+        cur_nimg[0] += batch_size
+        for std, ema in zip(stds, emas):
+            beta = (1 - batch_size / cur_nimg[0]) ** (std_to_exp(std) + 1)
+            for p_net, p_ema in zip(net.parameters(), ema.parameters()):
+                p_ema.lerp_(p_net, 1 - beta)
+    return run
+
+
 def _adamw_step(params, shadow_dtype):
     return torch.optim.AdamW(params, lr=1e-6).step
 
@@ -201,7 +297,10 @@ def providers() -> list[Provider]:
     return [
         triton_ema("triton"),
         triton_ema("torch"),
+        separate_triton_ema("triton"),
+        separate_triton_ema("torch"),
         Provider("foreach_lerp", {"update": _foreach_lerp, "parity": _foreach_lerp}),
+        Provider("K x foreach_lerp", _per_profile_count(_foreach_lerp_per_profile)),
         Provider("loop mul_+add_ (mmcv)", {"update": _mul_add_loop}),
         Provider("loop lerp_ (mmengine)", {"update": _lerp_loop}),
         Provider("foreach mul_+add_ (NeMo)", {"update": _foreach_mul_add}),
@@ -209,6 +308,9 @@ def providers() -> list[Provider]:
         Provider("torch_ema", {"update": _torch_ema_update, "swap": _torch_ema_swap}, _peer("torch_ema"),
                  own_shadow_dtype=False),
         Provider("ema_pytorch", {"update": _ema_pytorch_update}, _peer("ema_pytorch"), own_shadow_dtype=False),
+        Provider("PostHocEMA (ema-pytorch)", _per_profile_count(_post_hoc_ema), _peer("ema_pytorch"),
+                 own_shadow_dtype=False),
+        Provider("EDM2 loop (transcribed)", _per_profile_count(_edm2_loop), own_shadow_dtype=False),
         Provider("clone+copy swap", {"swap": _clone_copy_swap}),
         Provider("AdamW alone", {"step": _adamw_step}),
     ]
