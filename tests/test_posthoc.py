@@ -9,7 +9,7 @@ import torch
 from conftest import assert_ulps
 from models import batches, make_model, train_step
 
-from triton_ema import EMAOptimizer, posthoc
+from triton_ema import EMAOptimizer, posthoc, schedules
 from triton_ema.schedules import PowerFunction
 
 
@@ -166,3 +166,99 @@ def test_snapshots_of_two_runs_are_refused(tmp_path):
     posthoc.save_snapshot(other, tmp_path)
     with pytest.raises(ValueError, match="snapshots of 2 different runs"):
         posthoc.synthesize(tmp_path, sigma_rel=0.08)
+
+
+# --- ema-pytorch's PostHocEMA on the same run ---------------------------------------------------
+#
+# Its KarrasEMA counts update() calls in a `step` buffer: call n (1-based) first sets step = n, then
+# lerps by 1 - beta with beta = (1 - 1 / (n + 1)) ** (gamma + 1), after copying the params on the
+# first call. That is our PowerFunction's momentum at t = n, where our n-th step uses t = n - 1:
+# its EMA after n calls is the power-function average of n + 1 steps whose first two both saw the
+# first params, i.e. ours after num_steps = n + 1 on that sequence. Our schedule
+# CopyUntil(Recount(PowerFunction(...), start=1)) reproduces it. Its checkpoint after call n is
+# labelled n, and its synthesis solves EDM2's Algorithm 3 with those labels, without normalising
+# the weights to sum 1.
+
+SIGMA_RELS = (0.05, 0.10)
+
+
+def power_average(gamma, history, steps):
+    """Float64 power-function EMA after ``steps`` steps that saw ``history[t]`` at step t."""
+    w = [((t + 1) ** (gamma + 1) - t ** (gamma + 1)) / steps ** (gamma + 1) for t in range(steps)]
+    return [sum(wt * h[k] for wt, h in zip(w, history)) for k in range(len(history[0]))]
+
+
+def run_beside_post_hoc_ema(folder, steps=60, every=10):
+    """One training run with our profiles (EDM2's clock, and ema-pytorch's through a shifted
+    schedule) and ema-pytorch's PostHocEMA, both snapshotting every ``every`` steps (theirs as
+    float32). Yields after every step: (n, model, ours, theirs, float64 params of every step so far)."""
+    ema_pytorch = pytest.importorskip("ema_pytorch")
+    model = make_model()
+    theirs = ema_pytorch.PostHocEMA(model, sigma_rels=SIGMA_RELS, update_every=1, checkpoint_every_num_steps=every,
+                                    checkpoint_folder=str(folder / "theirs"), checkpoint_dtype=torch.float32)
+    momentum = {}
+    for s in SIGMA_RELS:
+        momentum[f"{s}"] = PowerFunction(sigma_rel=s)
+        momentum[f"{s} as ema-pytorch"] = schedules.CopyUntil(schedules.Recount(PowerFunction(sigma_rel=s), start=1))
+    ours = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=momentum, model=model)
+    history = []
+    for n, batch in enumerate(batches(steps), 1):
+        train_step(model, ours, batch)
+        theirs.update()
+        history.append([p.detach().double().clone() for p in model.parameters()])
+        if n % every == 0:
+            posthoc.save_snapshot(ours, folder / "ours")  # the two PowerFunction profiles only
+        yield n, model, ours, theirs, history
+
+
+def test_ema_pytorch_post_hoc_ema_is_our_profile_one_step_later(tmp_path):
+    names = None
+    for n, model, ours, theirs, history in run_beside_post_hoc_ema(tmp_path):
+        names = names or [name for name, _ in model.named_parameters()]
+        scale = [torch.stack([h[k].abs() for h in history]).amax(0) for k in range(len(names))]
+        for s, karras in zip(SIGMA_RELS, theirs.ema_models):
+            gamma = ours.schedules[f"{s}"].gamma
+            assert karras.gamma == pytest.approx(gamma, rel=1e-12) and int(karras.step) == n
+            if n > 1:  # its momentum of call n is ours at t = n (call 1 copies)
+                assert 1 - karras.beta == pytest.approx(PowerFunction(gamma=gamma)(n), rel=1e-12, abs=0)
+            edm2_clock = power_average(gamma, history, n)
+            their_clock = power_average(gamma, history[:1] + history, n + 1)  # first params seen twice
+            got = {"theirs": dict(karras.ema_model.named_parameters()), "ours": ours.ema_state_dict(f"{s}"),
+                   "ours shifted": ours.ema_state_dict(f"{s} as ema-pytorch")}
+            for k, name in enumerate(names):
+                assert_ulps(got["ours"][name], edm2_clock[k], scale=scale[k], ulps=64)
+                assert_ulps(got["theirs"][name], their_clock[k], scale=scale[k], ulps=64)
+                assert_ulps(got["ours shifted"][name], their_clock[k], scale=scale[k], ulps=64)
+            if n >= 2:  # the one-step shift is real: our EDM2-clock EMA is not theirs
+                flat = {who: torch.cat([got[who][name].detach().flatten() for name in names]) for who in ("ours", "theirs")}
+                assert not torch.allclose(flat["ours"], flat["theirs"], rtol=1e-4, atol=0)
+
+
+def test_synthesis_solves_the_same_problem_as_ema_pytorch(tmp_path):
+    from ema_pytorch.post_hoc_ema import solve_weights as their_solve
+
+    *_, (n, model, ours, theirs, history) = run_beside_post_hoc_ema(tmp_path, steps=60, every=10)
+    target = PowerFunction(sigma_rel=0.08).gamma
+    gammas = [ours.schedules[f"{s}"].gamma for s in SIGMA_RELS]
+    times = [t for t in range(10, n + 1, 10) for _ in SIGMA_RELS]
+    gamma_in = [g for _ in range(10, n + 1, 10) for g in gammas]
+    raw = their_solve(torch.tensor(times), torch.tensor(gamma_in, dtype=torch.float64), torch.tensor([n]),
+                      torch.tensor([target], dtype=torch.float64))[:, 0]
+    # The same Algorithm 3: its weights, normalised, are ours; it does not normalise them.
+    torch.testing.assert_close(raw / raw.sum(), posthoc.solve_weights(times, gamma_in, n, [target])[:, 0],
+                               rtol=1e-12, atol=1e-15)
+    assert abs(float(raw.sum()) - 1) > 1e-3
+
+    names = [name for name, _ in model.named_parameters()]
+    synthesized = dict(theirs.synthesize_ema_model(sigma_rel=0.08).ema_model.named_parameters())
+    mine = posthoc.synthesize(tmp_path / "ours", sigma_rel=0.08)
+    ours_w = posthoc.solve_weights(times, gamma_in, n, [target])[:, 0]
+    for k, name in enumerate(names):
+        # Theirs: its unnormalised weights on its checkpoints, labelled n and holding the EMA of n + 1 steps.
+        their_parts = [float(w) * power_average(g, history[:1] + history, t + 1)[k]
+                       for w, t, g in zip(raw, times, gamma_in)]
+        # Ours: normalised weights on our snapshots, labelled num_steps and holding the EMA of that many steps.
+        our_parts = [float(w) * power_average(g, history, t)[k] for w, t, g in zip(ours_w, times, gamma_in)]
+        for got, parts in ((synthesized[name], their_parts), (mine[name], our_parts)):
+            parts = torch.stack(parts)
+            assert_ulps(got, parts.sum(0), scale=parts.abs().sum(0), ulps=8)  # float32 EMAs, summed in float32
