@@ -8,9 +8,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from triton_ema import EMAOptimizer
+from triton_ema import EMAOptimizer, posthoc
+from triton_ema.schedules import PowerFunction
 
 BATCH, STEPS, MOMENTUM = 12, 6, 0.3  # 12 rows split evenly over 1, 2 or 3 ranks
+# Several profiles: two power functions (snapshotted) and a constant (not snapshotted).
+PROFILES = {"short": PowerFunction(gamma=2.0), "long": PowerFunction(gamma=7.0), "const": MOMENTUM}
+SNAPSHOT_TIMES, DCP_STOP = (2, 4, 6), 3
 
 
 class Uneven(nn.Module):
@@ -31,7 +35,7 @@ def data(step):
     return torch.randn(BATCH, 5, generator=g), torch.randn(BATCH, 3, generator=g)
 
 
-def build(kind, backend="torch", mixed=False, device="cpu"):
+def build(kind, backend="torch", mixed=False, device="cpu", momentum=MOMENTUM):
     """(model to train, optimizer) for kind in single / ddp / ddp-after / fsdp."""
     torch.manual_seed(0)
     model = Uneven().to(device)
@@ -51,12 +55,12 @@ def build(kind, backend="torch", mixed=False, device="cpu"):
         train = model
     else:
         train = model
-    opt = EMAOptimizer(torch.optim.SGD(train.parameters(), lr=0.05, momentum=0.9), momentum=MOMENTUM,
+    opt = EMAOptimizer(torch.optim.SGD(train.parameters(), lr=0.05, momentum=0.9), momentum=momentum,
                        model=train, backend=backend)
     return train, opt
 
 
-def train(model, opt, steps):
+def train(model, opt, steps, after_step=lambda opt: None):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for t in steps:
         x, y = (v.to(opt.param_groups[0]["params"][0].device) for v in data(t))
@@ -65,6 +69,7 @@ def train(model, opt, steps):
         loss.backward()
         opt.step()
         opt.zero_grad()
+        after_step(opt)
 
 
 def single(backend="torch"):
@@ -72,6 +77,27 @@ def single(backend="torch"):
     model, opt = build("single", backend)
     train(model, opt, range(STEPS))
     return {k: v.clone() for k, v in opt.ema_state_dict().items()}
+
+
+def snapshotting(folder):
+    """An ``after_step`` that saves post-hoc snapshots at SNAPSHOT_TIMES, in the shadows' dtype and in bfloat16."""
+    def after_step(opt):
+        if opt.num_steps in SNAPSHOT_TIMES:
+            posthoc.save_snapshot(opt, os.path.join(folder, "fp32"))
+            posthoc.save_snapshot(opt, os.path.join(folder, "bf16"), dtype=torch.bfloat16)
+    return after_step
+
+
+def single_profiles(folder):
+    """The run with PROFILES in one process, snapshots in ``folder``: the reference, per profile."""
+    model, opt = build("single", momentum=PROFILES)
+    train(model, opt, range(STEPS), snapshotting(folder))
+    return full_emas(opt)
+
+
+def full_emas(opt):
+    """Every profile's EMA as whole tensors (a collective under FSDP2), on the CPU, by profile name."""
+    return {name: {k: v.cpu() for k, v in opt.ema_state_dict(name, full=True).items()} for name in opt.schedules}
 
 
 def _init(rank, world, store, device="cpu"):
@@ -187,19 +213,76 @@ def run_dcp_save(rank, world, store, ckpt, stop):
     _finish()
 
 
-def run_dcp_resume(rank, world, store, ckpt, stop, out):
+def run_dcp_resume(rank, world, store, ckpt, stop, out, momentum=MOMENTUM, snapshots=None):
+    """Resume from a DCP checkpoint taken at step ``stop`` and train to STEPS (snapshots into ``snapshots``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     _init(rank, world, store)
-    model, opt = build("fsdp")
+    model, opt = build("fsdp", momentum=momentum)
     state = _dcp_state(model, opt)
     dcp.load(state, checkpoint_id=ckpt)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, opt.optimizer, state["optim"])
     assert opt.num_steps == stop, opt.num_steps
-    train(model, opt, range(stop, STEPS))
-    ema = opt.ema_state_dict(full=True)
+    loaded = full_emas(opt)
+    train(model, opt, range(stop, STEPS), snapshotting(snapshots) if snapshots else lambda opt: None)
+    ema = full_emas(opt)
     if rank == 0:
-        torch.save({"ema": ema}, out)
+        torch.save({"loaded": loaded, "ema": ema, "run": opt.run_id}, out)
     _finish()
+
+
+def run_fsdp_profiles(rank, world, store, folder):
+    """FSDP2 with PROFILES: snapshots at SNAPSHOT_TIMES and a DCP checkpoint at DCP_STOP into ``folder``,
+    with every profile's whole EMA at those times, at the end, and the model's output inside each profile's swap."""
+    import torch.distributed.checkpoint as dcp
+
+    from triton_ema import sharding
+
+    _init(rank, world, store)
+    model, opt = build("fsdp", momentum=PROFILES)
+    snapshot, taken = snapshotting(os.path.join(folder, "snapshots")), {}
+
+    def after_step(opt):
+        snapshot(opt)
+        if opt.num_steps in (*SNAPSHOT_TIMES, DCP_STOP):
+            taken[opt.num_steps] = full_emas(opt)
+        if opt.num_steps == DCP_STOP:
+            dcp.save(_dcp_state(model, opt), checkpoint_id=os.path.join(folder, "ckpt"))
+
+    train(model, opt, range(STEPS), after_step)
+    x, before = data(99)[0], {k: sharding.local(v).clone() for k, v in model.state_dict().items()}
+    swapped_out, held, restored = {}, [], []
+    for name in PROFILES:
+        shadows = [sharding.local(v).clone() for v in opt.state_dict()["ema"]["profiles"][name]["shadow"].values()]
+        with opt.swap_ema(name):
+            held.append(all(torch.equal(sharding.local(p), s) for p, s in zip(model.parameters(), shadows)))
+            swapped_out[name] = model(x).detach().clone()
+        restored.append(all(torch.equal(sharding.local(v), before[k]) for k, v in model.state_dict().items()))
+    failed = crash_while_renaming(opt, os.path.join(folder, "crash"))
+    everywhere = [None] * world
+    dist.all_gather_object(everywhere, {"held": all(held), "restored": all(restored), "failed": failed})
+    result = {"ema": full_emas(opt), "taken": taken, "swapped_out": swapped_out, "ranks": everywhere,
+              "run": opt.run_id}
+    if rank == 0:
+        torch.save(result, os.path.join(folder, "result.pt"))
+    _finish()
+
+
+def crash_while_renaming(opt, folder):
+    """save_snapshot() where rank 0 fails to put the finished snapshot in place: what this rank raised."""
+    real = posthoc._replace_folder
+
+    def crash(new, path):
+        raise OSError("disk full")
+
+    if dist.get_rank() == 0:
+        posthoc._replace_folder = crash
+    try:
+        posthoc.save_snapshot(opt, folder)
+    except (OSError, RuntimeError) as err:
+        return f"{type(err).__name__}: {err}"
+    finally:
+        posthoc._replace_folder = real
+    return None

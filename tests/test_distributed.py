@@ -1,12 +1,17 @@
-"""DDP and FSDP2 on CPU with gloo, several processes: shard-local EMA, swaps, DCP checkpoints."""
+"""DDP and FSDP2 on CPU with gloo, several processes: shard-local EMA, swaps, DCP checkpoints,
+several profiles and post-hoc snapshots."""
 
 import itertools
+import shutil
 
 import dist_cases
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import assert_ulps
+from test_posthoc import edm2_gamma, edm2_weights
+
+from triton_ema import posthoc
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this torch build has no gloo process groups")
@@ -87,7 +92,7 @@ def test_dcp_save_with_two_ranks_resume_with_another_world_size(tmp_path, refere
     ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.pt"
     launch(dist_cases.run_dcp_save, 2, tmp_path, str(ckpt), 3)
     launch(dist_cases.run_dcp_resume, world, tmp_path, str(ckpt), 3, str(out))
-    assert_same_ema(torch.load(out, weights_only=True)["ema"], reference)
+    assert_same_ema(torch.load(out, weights_only=True)["ema"][None], reference)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (NCCL, the Triton backend)")
@@ -97,3 +102,114 @@ def test_fsdp2_world_size_1_on_cuda_with_triton(tmp_path, reference):
     result = torch.load(out, weights_only=True)
     assert result["backends"] == ["triton"] and result["restored"]
     assert_same_ema(result["ema"], reference)
+
+
+# --- several profiles and post-hoc snapshots under FSDP2: one 2-rank run, one 3-rank resume ---------------
+
+TARGETS = [0.12, 0.15]  # sigma_rel between the two snapshotted profiles' (0.099 and 0.194)
+
+
+@pytest.fixture(scope="module")
+def profiles_reference(tmp_path_factory):
+    """The profiles' EMAs of the run in one process, and the folder of its snapshots."""
+    folder = tmp_path_factory.mktemp("one-process")
+    return dist_cases.single_profiles(str(folder)), folder
+
+
+@pytest.fixture(scope="module")
+def fsdp_profiles(tmp_path_factory):
+    """The run with profiles under FSDP2 on 2 ranks: what it recorded, and its folder (snapshots, DCP checkpoint)."""
+    folder = tmp_path_factory.mktemp("fsdp-profiles")
+    launch(dist_cases.run_fsdp_profiles, 2, folder, str(folder))
+    return torch.load(folder / "result.pt", weights_only=True), folder
+
+
+def test_fsdp2_every_profile_matches_one_process_and_swaps_back(fsdp_profiles, profiles_reference):
+    result, _ = fsdp_profiles
+    reference, _ = profiles_reference
+    assert not torch.equal(reference["short"]["l1.weight"], reference["long"]["l1.weight"])  # profiles differ
+    model, _ = dist_cases.build("single")
+    x = dist_cases.data(99)[0]
+    for name in dist_cases.PROFILES:
+        assert_same_ema(result["ema"][name], reference[name])
+        model.load_state_dict(reference[name])
+        expected = model(x).detach()
+        assert_ulps(result["swapped_out"][name], expected.double(), scale=expected.abs().max().expand_as(expected),
+                    ulps=64)
+    # On every rank: inside each swap the shards hold that profile's shadows, and after it the training weights.
+    assert [(r["held"], r["restored"]) for r in result["ranks"]] == [(True, True)] * 2
+
+
+def test_fsdp2_snapshot_that_rank_0_cannot_complete_fails_on_every_rank(fsdp_profiles):
+    result, folder = fsdp_profiles
+    first, second = (r["failed"] for r in result["ranks"])
+    assert first == "OSError: disk full"
+    assert second.startswith("RuntimeError: rank 0 could not complete the snapshot ") and second.endswith(
+        "snapshot-000000000006: OSError: disk full")
+    assert not list((folder / "crash").glob("snapshot-*"))  # nothing that synthesize() would read
+
+
+def snapshot_columns(taken, times, dtype):
+    """(time, gamma, EMA rounded to ``dtype`` as float64) for every snapshotted profile, in the files' order."""
+    return [(t, schedule.gamma, {k: v.to(dtype).double() for k, v in taken[t][name].items()})
+            for t in times for name, schedule in dist_cases.PROFILES.items() if name != "const"]
+
+
+def assert_combines(got, columns, tolerance_ulps):
+    """``got`` (one state dict per target) is the float64 EDM2 combination of ``columns`` at the last time."""
+    x = edm2_weights([c[0] for c in columns], [c[1] for c in columns], columns[-1][0],
+                     [edm2_gamma(s) for s in TARGETS])
+    for j, sd in enumerate(got):
+        assert sd.keys() == columns[0][2].keys()
+        for k, value in sd.items():
+            parts = torch.stack([float(x[i, j]) * c[2][k] for i, c in enumerate(columns)])
+            assert value.dtype == torch.float32
+            assert_ulps(value, parts.sum(0), scale=parts.abs().sum(0), ulps=tolerance_ulps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fsdp2_snapshots_synthesize_like_one_process(fsdp_profiles, profiles_reference, dtype):
+    result, folder = fsdp_profiles
+    snapshots = folder / "snapshots" / ("fp32" if dtype == torch.float32 else "bf16")
+    # One folder per snapshot (the DCP checkpoint of both ranks' shards and a header); no temporary left.
+    assert sorted(p.name for p in snapshots.iterdir()) == [f"snapshot-{t:012d}" for t in dist_cases.SNAPSHOT_TIMES]
+    assert {p.name for p in (snapshots / "snapshot-000000000002").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    got = posthoc.synthesize(snapshots, sigma_rel=TARGETS)
+    # Exactly the combination of what the ranks held (gathered in the run), in the dtype on disk.
+    assert_combines(got, snapshot_columns(result["taken"], dist_cases.SNAPSHOT_TIMES, dtype), tolerance_ulps=4)
+    if dtype == torch.float32:  # and the one-process run's synthesis, the EMAs being float32 rounding apart
+        _, reference_folder = profiles_reference
+        expected = posthoc.synthesize(reference_folder / "fp32", sigma_rel=TARGETS)
+        for sd, ref in zip(got, expected):
+            assert_same_ema(sd, ref)
+
+
+def test_fsdp2_snapshot_missing_a_ranks_shards_is_refused(fsdp_profiles, tmp_path):
+    _, folder = fsdp_profiles
+    snapshots = shutil.copytree(folder / "snapshots" / "fp32", tmp_path / "snapshots")
+    (snapshots / "snapshot-000000000004" / "__1_0.distcp").unlink()
+    with pytest.raises(ValueError, match="snapshot-000000000004 is not a readable snapshot"):
+        posthoc.synthesize(snapshots, sigma_rel=0.12)
+
+
+def test_dcp_profiles_save_with_two_ranks_resume_with_three(fsdp_profiles, profiles_reference, tmp_path):
+    result, folder = fsdp_profiles
+    reference, reference_folder = profiles_reference
+    # The resumed run snapshots with 3 ranks into the folder that holds the 2-rank snapshot of step 2.
+    snapshots = tmp_path / "snapshots"
+    shutil.copytree(folder / "snapshots" / "fp32" / "snapshot-000000000002", snapshots / "fp32" / "snapshot-000000000002")
+    out = tmp_path / "resumed.pt"
+    launch(dist_cases.run_dcp_resume, 3, tmp_path, str(folder / "ckpt"), dist_cases.DCP_STOP, str(out),
+           dist_cases.PROFILES, str(snapshots))
+    resumed = torch.load(out, weights_only=True)
+    for name in dist_cases.PROFILES:
+        saved = result["taken"][dist_cases.DCP_STOP][name]
+        assert all(torch.equal(resumed["loaded"][name][k], saved[k]) for k in saved), name  # loaded bitwise
+        assert_same_ema(resumed["ema"][name], reference[name])
+    assert resumed["run"] == result["run"]  # one run: its snapshots combine
+    assert {p.name for p in (snapshots / "fp32" / "snapshot-000000000006").glob("*.distcp")} == {
+        "__0_0.distcp", "__1_0.distcp", "__2_0.distcp"}
+    got = posthoc.synthesize(snapshots / "fp32", sigma_rel=TARGETS)
+    expected = posthoc.synthesize(reference_folder / "fp32", sigma_rel=TARGETS)
+    for sd, ref in zip(got, expected):
+        assert_same_ema(sd, ref)

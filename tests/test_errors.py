@@ -188,6 +188,10 @@ def foreign_file(folder):
     torch.save({"weight": torch.zeros(2)}, os.path.join(folder, "snapshot-000000000001.pt"))
 
 
+def folder_without_header(folder):
+    os.mkdir(os.path.join(folder, "snapshot-000000000001"))
+
+
 ERRORS = [
     # constructor arguments
     ("momentum and decay", construct(decay=0.9), ValueError, "either momentum or decay .* not both"),
@@ -244,12 +248,15 @@ ERRORS = [
     ("snapshot before a step", snapshot_of(PowerFunction(gamma=7.0), steps=0), ValueError, "before the first step"),
     ("snapshot with interval", snapshot_of(PowerFunction(gamma=7.0), interval=2), ValueError,
      "needs an update every step \\(interval=1\\), got interval=2"),
-    ("no snapshots", synthesizing(sigma_rel=0.1), FileNotFoundError, "no snapshots \\(snapshot-\\*.pt\\) in"),
+    ("no snapshots", synthesizing(sigma_rel=0.1), FileNotFoundError,
+     "no snapshots \\(snapshot-\\*.pt files or snapshot-\\* folders\\) in"),
     ("synthesize both targets", synthesizing(one_snapshot, sigma_rel=0.1, gamma=7.0), ValueError,
      "exactly one of sigma_rel and gamma"),
     ("synthesize after the last snapshot", synthesizing(one_snapshot, gamma=7.0, time=5), ValueError,
      "time must lie in \\(0, 1\\] \\(the last snapshot's time\\), got 5"),
     ("not a snapshot", synthesizing(foreign_file, gamma=7.0), ValueError, "is not a triton-ema snapshot"),
+    ("snapshot folder without header", synthesizing(folder_without_header, gamma=7.0), ValueError,
+     "snapshot-000000000001 is not a triton-ema snapshot \\(no header.pt\\)"),
     # parameters
     ("integer parameter", with_ints, TypeError, "param_groups\\[0\\]\\['params'\\]\\[1\\] has dtype torch.int64"),
     ("duplicate parameter", duplicated, ValueError,

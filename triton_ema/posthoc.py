@@ -4,12 +4,19 @@ Train with power-function profiles (:class:`~triton_ema.schedules.PowerFunction`
 call :func:`save_snapshot` every N steps, and after training :func:`synthesize`
 the EMA of any ``sigma_rel`` (or ``gamma``) as the least-squares combination of
 the snapshots (EDM2's Algorithm 3). Reads and writes files; knows no kernels.
+
+A snapshot is one file, ``snapshot-<time>.pt``; under FSDP2 (DTensor parameters)
+it is a folder, ``snapshot-<time>/``: a ``torch.distributed.checkpoint`` of every
+rank's shards and a header, which :func:`synthesize` reads back whole in one
+process, whatever the world size it was written with.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,22 +24,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import sharding
 from .schedules import PowerFunction
 
 __all__ = ["save_snapshot", "synthesize", "solve_weights"]
 
 FORMAT = "triton-ema-snapshot/1"
 PREFIX, SUFFIX = "snapshot-", ".pt"
+HEADER = "header.pt"  # in a sharded snapshot's folder, beside the checkpoint's own files
 
 
 def save_snapshot(opt, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write every power-function profile's EMA (keyed like ``model.state_dict()``), with
-    its gamma and the time ``opt.num_steps``, to one file in ``folder``; returns its path.
+    its gamma and the time ``opt.num_steps``, to ``folder``; returns the snapshot's path.
 
     ``dtype`` (float16, bfloat16, ...) makes the floating entries compact on disk;
-    None keeps the shadows' dtype. The file appears whole or not at all: it is
-    written beside its final name and renamed, so a crash leaves no file that
-    :func:`synthesize` would read."""
+    None keeps the shadows' dtype. The snapshot appears whole or not at all: it is
+    written beside its final name and renamed, so a crash leaves nothing that
+    :func:`synthesize` would read.
+
+    Under FSDP2 (DTensor parameters) every rank must call it, with the same
+    ``folder`` on a file system all ranks share: each rank writes its own shards
+    into one ``torch.distributed.checkpoint`` folder, ``snapshot-<time>/``."""
     profiles = {name: s for name, s in opt.schedules.items() if isinstance(s, PowerFunction)}
     if not profiles:
         raise ValueError("save_snapshot() needs power-function profiles: momentum=schedules.PowerFunction(...) "
@@ -43,16 +56,31 @@ def save_snapshot(opt, folder: str | os.PathLike, dtype: torch.dtype | None = No
         raise ValueError("save_snapshot() before the first step(): a snapshot's time must be >= 1")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    entries = []
+    entries, states = [], []
     for name, schedule in profiles.items():
         state, averaged = opt._snapshot_state(name)
-        state = {k: _on_disk(v, dtype if k in averaged else None) for k, v in state.items()}
-        entries.append({"name": name, "gamma": schedule.gamma, "averaged": sorted(averaged), "state": state})
-    content = {"format": FORMAT, "run": opt.run_id, "time": opt.num_steps, "profiles": entries}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{PREFIX}{opt.num_steps:012d}{SUFFIX}"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        states.append({k: _on_disk(v, dtype if k in averaged else None) for k, v in state.items()})
+        entries.append({"name": name, "gamma": schedule.gamma, "averaged": sorted(averaged)})
+    header = {"format": FORMAT, "run": opt.run_id, "time": opt.num_steps, "profiles": entries}
+    path = Path(folder) / f"{PREFIX}{opt.num_steps:012d}"
+    if any(sharding.is_dtensor(v) for state in states for v in state.values()):
+        return _save_sharded(opt, header, states, path)
+    for entry, state in zip(entries, states):
+        entry["state"] = state
+    return _save_file(header, path.with_name(path.name + SUFFIX))
+
+
+def _on_disk(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    if sharding.is_dtensor(t):  # written shard by shard, each copied as it goes
+        return t.detach().to(dtype or t.dtype)
+    if t.device.type == "meta" or type(t) is not Tensor:
+        raise TypeError(f"save_snapshot() takes plain tensors or DTensors; got a {type(t).__name__} on {t.device}")
+    return t.detach().to("cpu", dtype or t.dtype, copy=True)
+
+
+def _save_file(content: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(content, f)
@@ -65,11 +93,60 @@ def save_snapshot(opt, folder: str | os.PathLike, dtype: torch.dtype | None = No
     return path
 
 
-def _on_disk(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    if t.device.type == "meta" or type(t) is not Tensor:
-        raise TypeError(f"save_snapshot() takes plain tensors; got a {type(t).__name__} on {t.device} "
-                        "(sharded parameters are not supported yet)")
-    return t.detach().to("cpu", dtype or t.dtype, copy=True)
+def _save_sharded(opt, header: dict[str, Any], states: list[dict[str, Tensor]], path: Path) -> Path:
+    """Every rank's shards into one DCP checkpoint under a hidden name; rank 0 adds the
+    header and renames the folder once the checkpoint is complete (a collective)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    tmp = path.with_name(f".{path.name}.tmp")
+
+    def clean():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+
+    def finish():
+        _save_file(header, tmp / HEADER)
+        _replace_folder(tmp, path)
+
+    _by_rank_0(clean, path)  # no rank writes before the folder is clean
+    # Rank 0's run id for every rank (each drew its own), so that the checkpoints
+    # of this run carry it whichever rank writes them.
+    run = [opt.run_id]
+    dist.broadcast_object_list(run, src=0)
+    opt.run_id = header["run"] = run[0]
+    dcp.save({f"{j}/{key}": v for j, state in enumerate(states) for key, v in state.items()}, checkpoint_id=tmp)
+    _by_rank_0(finish, path)  # every rank returns once the snapshot is in place
+    return path
+
+
+def _by_rank_0(action, path: Path) -> None:
+    """``action()`` on rank 0, and on every rank an error if it failed (a collective)."""
+    import torch.distributed as dist
+
+    failed, error = [None], None
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except Exception as err:
+            failed[0], error = f"{type(err).__name__}: {err}", err
+    dist.broadcast_object_list(failed, src=0)
+    if error is not None:
+        raise error
+    if failed[0] is not None:
+        raise RuntimeError(f"rank 0 could not complete the snapshot {path}: {failed[0]}")
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """``new`` renamed to ``path``; a snapshot already there (of a resumed run) is replaced."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = path.with_name(f".{path.name}.old.tmp")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old)
 
 
 def power_function_correlation(t_a: Tensor, g_a: Tensor, t_b: Tensor, g_b: Tensor) -> Tensor:
@@ -95,9 +172,12 @@ def solve_weights(times: Sequence[float], gammas: Sequence[float], time: float,
 
 
 def _read(path: Path) -> dict[str, Any]:
-    """A snapshot with its tensors memory-mapped (read from disk as they are used)."""
+    """A snapshot's header; a file's tensors come memory-mapped (read from disk as they are used)."""
+    file = path / HEADER if path.is_dir() else path
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        content = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError as err:
+        raise ValueError(f"{path} is not a triton-ema snapshot (no {HEADER})") from err
     except Exception as err:
         raise ValueError(f"{path} is not a readable snapshot: {err}") from err
     if not isinstance(content, dict) or content.get("format") != FORMAT:
@@ -109,12 +189,47 @@ def _read(path: Path) -> dict[str, Any]:
     return content
 
 
+def _profile_states(path: Path, content: dict[str, Any]):
+    """Each profile's state dict in turn: a file's mapped tensors, or a sharded
+    snapshot's tensors read whole with DCP, one profile at a time."""
+    if not path.is_dir():
+        yield from (profile["state"] for profile in content["profiles"])
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    reader = FileSystemReader(path)
+    for j in range(len(content["profiles"])):
+        yield _read_sharded_profile(reader, path, j)
+
+
+def _read_sharded_profile(reader, path: Path, profile: int) -> dict[str, Tensor]:
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    prefix = f"{profile}/"
+    try:
+        saved = reader.read_metadata().state_dict_metadata
+        state = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in saved.items()
+                 if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # one process on purpose: DCP says so each time
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            load(state, storage_reader=reader, no_dist=True)  # whole tensors, from the shards of any world size
+    except CheckpointException as err:  # a BaseException: the reading's own errors inside
+        causes = "; ".join(f"{type(e).__name__}: {e}" for e, _ in err.failures.values())
+        raise ValueError(f"{path} is not a readable snapshot: {causes}") from err
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable snapshot: {err}") from err
+    return {key.removeprefix(prefix): v for key, v in state.items()}
+
+
 def _snapshots(folder: Path, time: int | None) -> tuple[list[Path], list[dict], int]:
-    """The snapshot files to combine, their headers, and the target time."""
-    paths = sorted(folder.glob(f"{PREFIX}*{SUFFIX}")) if folder.is_dir() else []
+    """The snapshots to combine (files and sharded folders), their headers, and the target time."""
+    found = sorted(folder.glob(f"{PREFIX}*")) if folder.is_dir() else []
+    paths = [p for p in found if p.suffix == SUFFIX or p.is_dir()]
     if not paths:
-        raise FileNotFoundError(f"no snapshots ({PREFIX}*{SUFFIX}) in {folder}: call posthoc.save_snapshot() "
-                                "while training")
+        raise FileNotFoundError(f"no snapshots ({PREFIX}*{SUFFIX} files or {PREFIX}* folders) in {folder}: "
+                                "call posthoc.save_snapshot() while training")
     headers = [_read(p) for p in paths]
     runs = {h["run"] for h in headers}
     if len(runs) > 1:
@@ -149,7 +264,9 @@ def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | N
 
     Entries that are not averaged (integer buffers, buffers without ``update_buffers``)
     come from the latest snapshot used. Memory: one float64 accumulator per target
-    and one snapshot, read from disk as it is used, whatever the number of snapshots."""
+    and one snapshot, whatever the number of snapshots (a file is read from disk as
+    it is used; a sharded snapshot one profile at a time, its shards put together
+    whatever the world size that wrote them)."""
     targets, many = _targets(sigma_rel, gamma)
     paths, headers, time = _snapshots(Path(folder), time)
     columns = [(h["time"], p["gamma"]) for h in headers for p in h["profiles"]]
@@ -161,16 +278,17 @@ def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | N
     col = 0
     for i, path in enumerate(paths):
         content, headers[i] = headers[i], None  # the mapped file goes once it is summed
-        for profile in content["profiles"]:
-            _accumulate(sums, profile, weights[col], path, keep_rest=i == latest)
+        for profile, state in zip(content["profiles"], _profile_states(path, content)):
+            _accumulate(sums, profile, state, weights[col], path, keep_rest=i == latest)
             col += 1
     out = [{k: v.to(torch.float32) if v.dtype == torch.float64 else v for k, v in s.items()} for s in sums]
     return out if many else out[0]
 
 
-def _accumulate(sums: list[dict[str, Tensor]], profile: dict, weights: Tensor, path: Path, keep_rest: bool) -> None:
+def _accumulate(sums: list[dict[str, Tensor]], profile: dict, state: dict[str, Tensor], weights: Tensor, path: Path,
+                keep_rest: bool) -> None:
     averaged = set(profile["averaged"])
-    for key, value in profile["state"].items():
+    for key, value in state.items():
         for total, w in zip(sums, weights.tolist()):
             if key not in averaged:
                 if keep_rest:
