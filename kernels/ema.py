@@ -59,12 +59,15 @@ def _store(ptr, idx, n, x, FULL: tl.constexpr):
 
 @triton.jit
 def _update_row(table_ptr, shadow_ptr, param_type_ptr, momenta, row_stride, pid, BLOCK: tl.constexpr,
-                PROFILES: tl.constexpr, FULL: tl.constexpr):
+                PROFILES: tl.constexpr, MOMENTA_IN_MEMORY: tl.constexpr, FULL: tl.constexpr):
     p_ptr, s_ptr, n = _segment(table_ptr, shadow_ptr, param_type_ptr, pid, FULL)
     idx = tl.arange(0, BLOCK)
     p = _load(p_ptr, idx, n, FULL).to(tl.float32)  # read once for every profile
     for k in tl.static_range(PROFILES):
-        momentum = momenta[k]
+        if MOMENTA_IN_MEMORY:
+            momentum = tl.load(momenta + k)
+        else:
+            momentum = momenta[k]
         sk_ptr = s_ptr + k * row_stride.to(tl.int64)  # int64: K rows of a large bucket pass 2**31
         s = _load(sk_ptr, idx, n, FULL).to(tl.float32)
         d = p - s
@@ -78,20 +81,24 @@ def _update_row(table_ptr, shadow_ptr, param_type_ptr, momenta, row_stride, pid,
 
 @triton.jit(do_not_specialize=["n_full"])
 def _ema_update_kernel(table_ptr, shadow_ptr, param_type_ptr, skip_ptr, momenta, row_stride, n_full,
-                       BLOCK: tl.constexpr, PROFILES: tl.constexpr, CHECK_SKIP: tl.constexpr):
+                       BLOCK: tl.constexpr, PROFILES: tl.constexpr, CHECK_SKIP: tl.constexpr,
+                       MOMENTA_IN_MEMORY: tl.constexpr = False):
     """For each of ``PROFILES`` shadow rows (``row_stride`` elements apart, a multiple
     of 16), ``shadow_k <- shadow_k + momenta[k] * (param - shadow_k)`` in float32,
-    each param element loaded once; ``momenta`` is a tuple of run-time floats. With
-    ``CHECK_SKIP``, nothing is written when ``*skip_ptr`` is non-zero."""
+    each param element loaded once; ``momenta`` is a tuple of run-time floats, or with
+    ``MOMENTA_IN_MEMORY`` a pointer to ``PROFILES`` float32 values (read on the device,
+    for CUDA graphs). With ``CHECK_SKIP``, nothing is written when ``*skip_ptr`` is non-zero."""
     pid = tl.program_id(0).to(tl.int64)
     skip = 0
     if CHECK_SKIP:
         skip = tl.load(skip_ptr)
     if skip == 0:
         if pid < n_full:
-            _update_row(table_ptr, shadow_ptr, param_type_ptr, momenta, row_stride, pid, BLOCK, PROFILES, True)
+            _update_row(table_ptr, shadow_ptr, param_type_ptr, momenta, row_stride, pid, BLOCK, PROFILES,
+                        MOMENTA_IN_MEMORY, True)
         else:
-            _update_row(table_ptr, shadow_ptr, param_type_ptr, momenta, row_stride, pid, BLOCK, PROFILES, False)
+            _update_row(table_ptr, shadow_ptr, param_type_ptr, momenta, row_stride, pid, BLOCK, PROFILES,
+                        MOMENTA_IN_MEMORY, False)
 
 
 @triton.jit

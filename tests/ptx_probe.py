@@ -49,21 +49,23 @@ def specialisation_keys(kernel, args_list, **constexprs):
     return sorted({repr(binder(*args, BLOCK=BLOCK, CHECK_SKIP=False, **constexprs)[1]) for args in args_list})
 
 
-def update_ptx(s_type, p_type, profiles, check_skip):
-    signature = {"skip_ptr": "*i32", "momenta": ("fp32",) * profiles, "row_stride": "i64", "n_full": "i64"}
-    constexprs = {"BLOCK": BLOCK, "PROFILES": profiles, "CHECK_SKIP": check_skip}
+def update_ptx(s_type, p_type, profiles, check_skip, in_memory=False):
+    momenta = "*fp32" if in_memory else ("fp32",) * profiles  # capturable=True: read on the device
+    signature = {"skip_ptr": "*i32", "momenta": momenta, "row_stride": "i64", "n_full": "i64"}
+    constexprs = {"BLOCK": BLOCK, "PROFILES": profiles, "CHECK_SKIP": check_skip, "MOMENTA_IN_MEMORY": in_memory}
     return accesses(compile_ptx(ema._ema_update_kernel, s_type, p_type, signature, constexprs, aligned=["row_stride"]))
 
 
 def main():
     report = {"block": BLOCK, "num_warps": NUM_WARPS, "update": {}, "update_checked": {}, "update_4_profiles": {},
-              "swap": {}, "copy": {}, "nonfinite": {}}
+              "update_2_from_memory": {}, "swap": {}, "copy": {}, "nonfinite": {}}
     for p_dtype, p_type in TYPES.items():
         for s_dtype, s_type in TYPES.items():
             pair = f"{p_type}/{s_type}"
             report["update"][pair] = update_ptx(s_type, p_type, 1, False)
             report["update_checked"][pair] = update_ptx(s_type, p_type, 1, True)
             report["update_4_profiles"][pair] = update_ptx(s_type, p_type, 4, True)
+            report["update_2_from_memory"][pair] = update_ptx(s_type, p_type, 2, True, in_memory=True)
             for to_params in (False, True):
                 report["copy"][f"{pair}/{'to_params' if to_params else 'to_flat'}"] = accesses(compile_ptx(
                     ema._ema_copy_kernel, s_type, p_type, {"n_full": "i64"}, {"BLOCK": BLOCK, "TO_PARAMS": to_params}))

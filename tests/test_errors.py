@@ -313,6 +313,8 @@ ERRORS = [
     ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
     ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),
     ("ema_state_dict without model", no_model_for_ema_state_dict, RuntimeError, "needs the model: pass model="),
+    ("capturable with a user schedule", construct(momentum=lambda t: 0.1, capturable=True), TypeError,
+     "momentum schedule <lambda> cannot run on the device \\(capturable=True\\)"),
     ("ema_module without model", lambda: EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1),
                                                       momentum=0.1).ema_module(), RuntimeError,
      "ema_module\\(\\) needs the model: pass model="),

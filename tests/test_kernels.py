@@ -94,6 +94,19 @@ def test_update_of_several_profiles_in_one_launch(sizes, pair):
     check_update(triton_bucket(params, s_dtype, profiles=4), params, [2e-4, 0.9, 0.0, 1.0])
 
 
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_momenta_read_from_memory_update_as_momenta_passed_as_values(pair):
+    """``capturable=True`` passes the momenta as a float32 device tensor: the same float32 values, the same bits."""
+    p_dtype, s_dtype = pair
+    params = make_tensors(mixed_sizes(40), p_dtype)
+    momenta = [2e-4, 0.9, 0.0, 1.0]
+    by_value, from_memory = triton_bucket(params, s_dtype, profiles=4), triton_bucket(params, s_dtype, profiles=4)
+    by_value.backend.update(by_value, momenta)
+    from_memory.backend.update(from_memory, torch.tensor(momenta, device=DEVICE))
+    for a, b in zip(by_value.profile_views, from_memory.profile_views):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("sizes", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_exchange_is_bitwise(sizes, dtype):
@@ -188,8 +201,9 @@ def test_full_chunks_compile_to_128_bit_accesses(ptx_report, pair):
     p_dtype, s_dtype = pair
     ep, es = p_dtype.itemsize, s_dtype.itemsize
     key = pair_id(pair).replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16").replace("-", "/")
-    # without and with skip_nonfinite, and 4 profiles: the param read once, 4 shadows read and written
-    for variant, k in (("update", 1), ("update_checked", 1), ("update_4_profiles", 4)):
+    # without and with skip_nonfinite, 4 profiles (the param read once, 4 shadows read and written),
+    # and 2 profiles with the momenta read from memory (capturable=True)
+    for variant, k in (("update", 1), ("update_checked", 1), ("update_4_profiles", 4), ("update_2_from_memory", 2)):
         ld, st = _vector_counts(ptx_report, [ep + k * es, k * es])
         upd = ptx_report[variant][key]
         assert (upd["ld"].get("128"), upd["st"].get("128")) == (ld, st)

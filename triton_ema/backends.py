@@ -29,10 +29,11 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def update(self, bucket: Bucket, momenta: Sequence[float], skip: Tensor | None = None) -> None:
+    def update(self, bucket: Bucket, momenta: Sequence[float] | Tensor, skip: Tensor | None = None) -> None:
         """For every profile k, ``shadow_k <- shadow_k + momenta[k] * (param - shadow_k)``,
         in float32 or wider, each param read once; nothing changes where the device
-        scalar ``skip`` is non-zero."""
+        scalar ``skip`` is non-zero. ``momenta``: floats, or a float32 tensor on the
+        bucket's device read there (no host sync)."""
 
     @abc.abstractmethod
     def nonfinite(self, bucket: Bucket) -> Tensor:
@@ -135,9 +136,10 @@ def _groups(bucket: Bucket, limit: int) -> list[_Group]:
     return bucket.cache[key]
 
 
-def _lerp(profiles: list[list[Tensor]], params: list[Tensor], momenta: Sequence[float]) -> None:
+def _lerp(profiles: list[list[Tensor]], params: list[Tensor], momenta: Sequence[float] | Tensor) -> None:
     """``views <- views + m * (params - views)`` for the views and momentum of every profile,
-    computed in float32 or wider; a dtype conversion of the params is done once for all."""
+    computed in float32 or wider; a dtype conversion of the params is done once for all.
+    A momentum tensor is read on the device (a weight per tensor: no host sync)."""
     views = profiles[0]
     if views[0].dtype == params[0].dtype and views[0].device == params[0].device:
         ends = params  # lerp computes 16-bit inputs in float32 and uses the two-sided stable form
@@ -145,12 +147,13 @@ def _lerp(profiles: list[list[Tensor]], params: list[Tensor], momenta: Sequence[
         compute = torch.promote_types(torch.promote_types(views[0].dtype, params[0].dtype), torch.float32)
         ends = [p.to(views[0].device, compute) for p in params]
     for views, momentum in zip(profiles, momenta):
-        if views[0].dtype == ends[0].dtype:
-            torch._foreach_lerp_(views, ends, momentum)
-            continue
-        wide = [v.to(ends[0].dtype) for v in views]
-        torch._foreach_lerp_(wide, ends, momentum)
-        torch._foreach_copy_(views, wide)
+        wide = views if views[0].dtype == ends[0].dtype else [v.to(ends[0].dtype) for v in views]
+        if isinstance(momentum, Tensor):
+            torch._foreach_lerp_(wide, ends, [momentum.to(ends[0].dtype)] * len(ends))
+        else:
+            torch._foreach_lerp_(wide, ends, momentum)
+        if wide is not views:
+            torch._foreach_copy_(views, wide)
 
 
 def keep_writes(bucket: Bucket) -> None:
@@ -173,14 +176,14 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def update(self, bucket: Bucket, momenta: Sequence[float], skip: Tensor | None = None) -> None:
+    def update(self, bucket: Bucket, momenta: Sequence[float] | Tensor, skip: Tensor | None = None) -> None:
         if skip is not None and skip.device.type == "cpu":  # read at no cost: no device to wait for
             if skip.item():
                 return
             skip = None
         self._update(bucket, momenta, skip)
 
-    def _update(self, bucket: Bucket, momenta: Sequence[float], skip: Tensor | None) -> None:
+    def _update(self, bucket: Bucket, momenta: Sequence[float] | Tensor, skip: Tensor | None) -> None:
         """The update, group by group; where the device scalar ``skip`` is set, each group is put back."""
         keep = None if skip is None else skip.to(bucket.shadows.device, torch.bool)
         temporaries = keep is not None or not bucket.can_exchange  # a kept copy, or dtype or device conversions

@@ -23,7 +23,7 @@ class AttachHooks:
 
     def __init__(self, ema: EMAOptimizer) -> None:
         self.ema = ema
-        self._momenta: list[float] | None = None
+        self._update: tuple | None = None  # what _before_step decided for this step
         self._loading: Any = None
 
     def register(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
@@ -35,11 +35,11 @@ class AttachHooks:
 
     def before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Raising here stops the base step before it changes a weight.
-        self._momenta = self.ema._before_step()
+        self._update = self.ema._before_step()
 
     def after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Runs only after a completed step: a step that GradScaler skips never calls step().
-        self.ema._after_step(self._momenta)
+        self.ema._after_step(self._update)
 
     def add_state(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         state_dict["ema"] = self.ema._ema_state()

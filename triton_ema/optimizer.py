@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import migrate, sharding
 from .backends import BACKENDS
+from .clock import DeviceClock
 from .hooks import AttachHooks, attached_ema
 from .module import EMAModuleLink, ema_module
 from .schedules import Constant, PowerFunction, Schedule, momentum_at, profile_schedules
@@ -50,6 +51,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         device: torch.device | str | None = None,
         backend: str = "auto",
         skip_nonfinite: bool = False,
+        capturable: bool = False,
     ) -> None:
         if isinstance(optimizer, EMAOptimizer):
             raise TypeError("optimizer is already an EMAOptimizer; wrap the base optimizer once")
@@ -94,6 +96,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         self._store = ShadowStore(tensors, names, shadow_dtype=shadow_dtype, device=device, backend=backend,
                                   profiles=len(schedules))
         self._step = 0
+        self._clock = self._device_clock() if capturable else None
         self._hooks: list[RemovableHandle] = []  # attach(): handles of the hooks on the wrapped optimizer
         self._match_names = True  # attached: load_state_dict's match_names, for the load hooks
         self._module_links: dict[int, EMAModuleLink] = {}  # ema_module(): per profile, the module kept on the EMA
@@ -121,8 +124,23 @@ class EMAOptimizer(torch.optim.Optimizer):
 
     @property
     def num_steps(self) -> int:
-        """Optimizer steps completed so far (the next step has t = num_steps)."""
-        return self._step
+        """Optimizer steps completed so far (the next step has t = num_steps); with
+        ``capturable=True`` read from the device counter (it waits for the device)."""
+        return self._step if self._clock is None else self._clock.read()
+
+    @property
+    def capturable(self) -> bool:
+        return self._clock is not None
+
+    def _device_clock(self) -> DeviceClock:
+        devices = {t.device for b in self._store.buckets for t in (b.shadows, b.tensors[0])}
+        if len(devices) > 1:
+            raise ValueError(f"capturable=True needs the params and their shadows on one device, got {sorted(map(str, devices))}")
+        device = devices.pop() if devices else torch.device("cpu")
+        clock = DeviceClock(list(self.schedules.values()), self.interval, device)
+        if self.skip_nonfinite:  # counted in place from the start: a captured step adds to this tensor
+            self._store.skips.setdefault(device, torch.zeros((), dtype=torch.int64, device=device))
+        return clock
 
     @property
     def skipped_updates(self) -> int:
@@ -224,24 +242,29 @@ class EMAOptimizer(torch.optim.Optimizer):
         self._after_step(momentum)
         return loss
 
-    def _before_step(self) -> list[float] | None:
-        """Everything that can fail, before the base step touches a weight: the momenta of this step, if it updates."""
+    def _before_step(self) -> tuple[list[float] | Tensor, Tensor | None] | None:
+        """Everything that can fail, before the base step touches a weight: this step's
+        update (the momenta, and a device flag that cancels it) or None."""
         if self._store.swapped:
             raise RuntimeError("step() inside swap_ema(): the model holds the EMA weights; leave the with-block first")
         t = self._step
         self._adopt_new_params()
-        return [momentum_at(s, t) for s in self.schedules.values()] if t % self.interval == 0 else None
+        if self._clock is not None:
+            return self._clock.momenta()
+        return ([momentum_at(s, t) for s in self.schedules.values()], None) if t % self.interval == 0 else None
 
-    def _after_step(self, momenta: list[float] | None) -> None:
+    def _after_step(self, update: tuple[list[float] | Tensor, Tensor | None] | None) -> None:
         """After a completed base step: the update, and the step count."""
-        if momenta is not None:
-            _update_untraced(self, momenta)
+        if update is not None:
+            _update_untraced(self, *update)
         self._step += 1
+        if self._clock is not None:
+            self._clock.advance()
 
     @torch.no_grad()
-    def _update_ema(self, momenta: list[float]) -> None:
+    def _update_ema(self, momenta: list[float] | Tensor, skip: Tensor | None = None) -> None:
         self._sync()
-        self._store.update(momenta, self.skip_nonfinite)
+        self._store.update(momenta, self.skip_nonfinite, skip)
         for profile, link in list(self._module_links.items()):
             if link.alive() is None:
                 del self._module_links[profile]
@@ -391,7 +414,7 @@ class EMAOptimizer(torch.optim.Optimizer):
     def _ema_state(self) -> dict[str, Any]:
         self._adopt_new_params()
         n = self._num_params
-        state = {"step": self._step, "interval": self.interval, "skipped_updates": self._store.skipped()}
+        state = {"step": self.num_steps, "interval": self.interval, "skipped_updates": self._store.skipped()}
         if None in self.schedules:
             state.update(self._profile_state(0))
         else:
@@ -481,6 +504,8 @@ class EMAOptimizer(torch.optim.Optimizer):
             self._sync()
             self._store.load(values, skipped)
         self._step = step
+        if self._clock is not None:
+            self._clock.set(step)
         self.run_id = run or self.run_id
 
     def _check_ema(self, ema: Any, match_names: bool = True) -> tuple[int, int, list[list[Tensor]], str | None]:
@@ -620,19 +645,19 @@ def _shares_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
 
 
 @functools.cache
-def _disabled_update(cls: type[EMAOptimizer]) -> Callable[[EMAOptimizer, list[float]], None]:
+def _disabled_update(cls: type[EMAOptimizer]) -> Callable[..., None]:
     return torch.compiler.disable(cls._update_ema)
 
 
-def _update_untraced(opt: EMAOptimizer, momenta: list[float]) -> None:
-    """``opt._update_ema(momenta)``, never traced by torch.compile: the kernels reach
+def _update_untraced(opt: EMAOptimizer, *update: Any) -> None:
+    """``opt._update_ema(*update)``, never traced by torch.compile: the kernels reach
     params through address tables that tracing cannot see. Under
     ``torch.compile(opt.step)`` the base step compiles and the EMA runs as written.
     Once dynamo is loaded it also takes over calls made from frames it runs
     uncompiled, so from then on the update always goes through ``compiler.disable``."""
     if torch.compiler.is_compiling():
-        torch.compiler.disable(type(opt)._update_ema)(opt, momenta)
+        torch.compiler.disable(type(opt)._update_ema)(opt, *update)
     elif "torch._dynamo" in sys.modules:
-        _disabled_update(type(opt))(opt, momenta)
+        _disabled_update(type(opt))(opt, *update)
     else:
-        opt._update_ema(momenta)
+        opt._update_ema(*update)

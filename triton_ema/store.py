@@ -108,14 +108,17 @@ class ShadowStore:
 
     # Jobs: one backend call per bucket.
 
-    def update(self, momenta: Sequence[float], skip_nonfinite: bool = False) -> None:
-        """Every profile k moves by ``momenta[k]``: one backend call per bucket."""
+    def update(self, momenta: Sequence[float] | Tensor, skip_nonfinite: bool = False, skip: Tensor | None = None) -> None:
+        """Every profile k moves by ``momenta[k]`` (floats, or a float32 device tensor):
+        one backend call per bucket. Nothing moves where the device flag ``skip`` is set."""
         for bucket in self.buckets:
             if not skip_nonfinite:
-                bucket.backend.update(bucket, momenta)
+                bucket.backend.update(bucket, momenta, skip)
                 continue
             flag = bucket.backend.nonfinite(bucket)  # decided on the device: no host sync
-            bucket.backend.update(bucket, momenta, flag)
+            if skip is not None:
+                flag = flag * (1 - skip)  # a step without an update skips nothing for non-finite params
+            bucket.backend.update(bucket, momenta, flag if skip is None else flag | skip)
             count = self.skips.get(flag.device)
             if count is None:
                 self.skips[flag.device] = flag.to(torch.int64)
@@ -178,4 +181,11 @@ class ShadowStore:
         for k, profile in enumerate(values):
             for i, value in enumerate(profile):
                 self.shadow_view(i, k).copy_(value)
-        self.skips = {torch.device("cpu"): torch.tensor(skipped)} if skipped else {}
+        for count in self.skips.values():  # in place: a captured step keeps adding to the same tensors
+            count.zero_()
+        if skipped:
+            first = next(iter(self.skips.values()), None)
+            if first is None:
+                self.skips[torch.device("cpu")] = torch.tensor(skipped)
+            else:
+                first.fill_(skipped)

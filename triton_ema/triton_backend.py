@@ -55,13 +55,15 @@ class TritonBackend(Backend):
             cached = bucket.cache["table"] = (table, n_full, (table.shape[0],), typed)
         return cached
 
-    def update(self, bucket: Bucket, momenta: Sequence[float], skip: Tensor | None = None) -> None:
+    def update(self, bucket: Bucket, momenta: Sequence[float] | Tensor, skip: Tensor | None = None) -> None:
         table, n_full, grid, typed = self._launch_args(bucket)
         if grid[0]:
             shadows = bucket.shadows
-            _ema_update_kernel[grid](table, shadows, typed, table if skip is None else skip, tuple(map(float, momenta)),
+            in_memory = isinstance(momenta, Tensor)
+            _ema_update_kernel[grid](table, shadows, typed, table if skip is None else skip,
+                                     momenta if in_memory else tuple(map(float, momenta)),
                                      shadows.stride(0), n_full, BLOCK=BLOCK, PROFILES=shadows.shape[0],
-                                     CHECK_SKIP=skip is not None, num_warps=NUM_WARPS)
+                                     CHECK_SKIP=skip is not None, MOMENTA_IN_MEMORY=in_memory, num_warps=NUM_WARPS)
 
     def nonfinite(self, bucket: Bucket) -> Tensor:
         table, n_full, grid, typed = self._launch_args(bucket)
