@@ -7,6 +7,7 @@ from conftest import DEVICE, assert_ulps
 from models import batches, make_base, make_model, train_step
 
 from triton_ema import EMAOptimizer, attach
+from triton_ema.checkpoint import profile_state
 from triton_ema.schedules import Constant, CopyUntil, Cosine, Power, PowerFunction
 
 PROFILES = {"copy-cosine": CopyUntil(Cosine(0.2, 0.01, total_steps=9), 1), "power": Power(0.99),
@@ -20,7 +21,7 @@ def wrapper(backend, interval=1, momentum=PROFILES, capturable=True, seed=0, **k
 
 
 def profile_shadows(opt):
-    return {name: [v.detach().double().clone() for v in opt._profile_state(k)["shadow"].values()]
+    return {name: [v.detach().double().clone() for v in profile_state(opt, k)["shadow"].values()]
             for k, name in enumerate(opt.schedules)}
 
 
@@ -59,7 +60,7 @@ def test_the_device_counter_resumes_bitwise(backend):
     for batch in data[4:]:
         train_step(resumed_model, resumed, batch)
     for k in range(len(PROFILES)):
-        for a, b in zip(opt._profile_state(k)["shadow"].values(), resumed._profile_state(k)["shadow"].values()):
+        for a, b in zip(profile_state(opt, k)["shadow"].values(), profile_state(resumed, k)["shadow"].values()):
             assert torch.equal(a, b)
     assert resumed.num_steps == 8
 

@@ -7,6 +7,7 @@ from conftest import DEVICE, assert_ulps
 from models import batches, make_base, make_model, train_step
 
 from triton_ema import EMAOptimizer, posthoc
+from triton_ema.checkpoint import profile_state
 from triton_ema.schedules import Cosine, PowerFunction
 
 PROFILES = {"fast": 0.3, "cosine": Cosine(0.1, 0.01, total_steps=8), "power": PowerFunction(gamma=5.0)}
@@ -23,16 +24,16 @@ def test_every_profile_follows_its_float64_reference(backend, dtype):
     model, opt = wrapper(backend, dtype)
     schedules = {name: (lambda t, m=m: m) if isinstance(m, float) else m for name, m in PROFILES.items()}
     for t, batch in enumerate(batches(10, dtype=dtype, device=DEVICE)):
-        stored = {name: [v.detach().double().clone() for v in opt._profile_state(k)["shadow"].values()]
+        stored = {name: [v.detach().double().clone() for v in profile_state(opt, k)["shadow"].values()]
                   for k, name in enumerate(PROFILES)}
         train_step(model, opt, batch)
         for k, name in enumerate(PROFILES):
             m = schedules[name](t)
-            for s, old, p in zip(opt._profile_state(k)["shadow"].values(), stored[name], model.parameters()):
+            for s, old, p in zip(profile_state(opt, k)["shadow"].values(), stored[name], model.parameters()):
                 p64 = p.detach().double()
                 assert_ulps(s, old + m * (p64 - old), scale=torch.maximum(old.abs(), p64.abs()))  # one rounding
     # The stored shadows are float32 for every profile, as with one profile.
-    assert all(v.dtype == torch.float32 for k in range(3) for v in opt._profile_state(k)["shadow"].values())
+    assert all(v.dtype == torch.float32 for k in range(3) for v in profile_state(opt, k)["shadow"].values())
 
 
 def test_one_profile_keeps_its_memory_and_two_cost_two(backend):

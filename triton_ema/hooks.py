@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from .checkpoint import check_load, ema_state
+
 if TYPE_CHECKING:
     from .optimizer import EMAOptimizer
 
@@ -42,13 +44,13 @@ class AttachHooks:
         self.ema._after_step(self._update)
 
     def add_state(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-        state_dict["ema"] = self.ema._ema_state()
+        state_dict["ema"] = ema_state(self.ema)
         return state_dict
 
     def check_load(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         # Before the base optimizer loads: everything is checked while nothing has changed yet.
         self.ema._refuse_while_swapped("load_state_dict()")
-        self._loading = self.ema._check_load(state_dict, self.ema._match_names)
+        self._loading = check_load(self.ema, state_dict, self.ema._match_names)
         return {k: v for k, v in state_dict.items() if k != "ema"}
 
     def load(self, optimizer: torch.optim.Optimizer) -> None:

@@ -17,10 +17,11 @@ from torch.utils.hooks import RemovableHandle
 
 from . import migrate, sharding
 from .backends import BACKENDS
+from .checkpoint import Checked, EMACheckpoint, check_load, ema_state
 from .clock import DeviceClock
 from .hooks import AttachHooks, attached_ema
 from .module import EMAModuleLink, ema_module
-from .schedules import Constant, PowerFunction, Schedule, momentum_at, profile_schedules
+from .schedules import Constant, Schedule, momentum_at, profile_schedules
 from .store import ShadowStore
 from .swap import SwapContext
 
@@ -366,33 +367,30 @@ class EMAOptimizer(torch.optim.Optimizer):
         Sharded (DTensor) entries stay DTensors, as ``set_model_state_dict``
         takes them; ``full=True`` gathers them into whole tensors for export
         (a collective: every rank must call it)."""
-        profile = self._profile(name)
-        if self.model is None:
-            raise RuntimeError("ema_state_dict() needs the model: pass model= to EMAOptimizer")
-        self._adopt_new_params()
-        index = {id(t): i for i, t in enumerate(self._objects)}
         out = {}
-        for key, value in self.model.state_dict(keep_vars=True).items():
-            i = index.get(id(value))
-            local = sharding.local(value) if i is None else self._store.ema(i, profile)
-            ema = sharding.like(local.detach().to(value.dtype, copy=True), value)
-            out[key] = sharding.full(ema) if full else ema
+        for key, value, ema in self._model_keyed(name, "ema_state_dict()"):
+            local = sharding.local(value) if ema is None else ema
+            copy = sharding.like(local.detach().to(value.dtype, copy=True), value)
+            out[key] = sharding.full(copy) if full else copy
         return out
 
     def _snapshot_state(self, name: str | None) -> tuple[dict[str, Tensor], set[str]]:
         """Profile ``name``'s EMA keyed like ``model.state_dict()`` in the shadows' dtype (no copy),
         and the keys that are averaged."""
+        entries = list(self._model_keyed(name, "a post-hoc snapshot"))
+        out = {key: value.detach() if ema is None else sharding.like(ema.detach(), value) for key, value, ema in entries}
+        return out, {key for key, _, ema in entries if ema is not None}
+
+    def _model_keyed(self, name: str | None, what: str):
+        """(key, the model's value, profile ``name``'s EMA of it as stored or None) for ``model.state_dict()``."""
         profile = self._profile(name)
         if self.model is None:
-            raise RuntimeError("post-hoc snapshots need the model: pass model= to EMAOptimizer")
+            raise RuntimeError(f"{what} needs the model: pass model= to EMAOptimizer")
+        self._adopt_new_params()
         index = {id(t): i for i, t in enumerate(self._objects)}
-        out, averaged = {}, set()
         for key, value in self.model.state_dict(keep_vars=True).items():
             i = index.get(id(value))
-            out[key] = value.detach() if i is None else sharding.like(self._store.ema(i, profile).detach(), value)
-            if i is not None:
-                averaged.add(key)
-        return out, averaged
+            yield key, value, None if i is None else self._store.ema(i, profile)
 
     # --- checkpoints -----------------------------------------------------------
 
@@ -406,24 +404,10 @@ class EMAOptimizer(torch.optim.Optimizer):
             pre_hook(self)
         sd = self.optimizer.state_dict()
         if not self.attached:  # attached, the wrapped optimizer's own hook adds it
-            sd["ema"] = self._ema_state()
+            sd["ema"] = ema_state(self)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             sd = post_hook(self, sd) or sd
         return sd
-
-    def _ema_state(self) -> dict[str, Any]:
-        self._adopt_new_params()
-        n = self._num_params
-        state = {"step": self.num_steps, "interval": self.interval, "skipped_updates": self._store.skipped()}
-        if None in self.schedules:
-            state.update(self._profile_state(0))
-        else:
-            state["profiles"] = {name: self._profile_state(k) for k, name in enumerate(self.schedules)}
-        if self.model is not None:
-            state["names"] = self._store.names[:n]
-        if any(isinstance(s, PowerFunction) for s in self.schedules.values()):
-            state["run"] = self.run_id  # post-hoc snapshots of a resumed run stay one run
-        return state
 
     def load_ema_state_dict(self, state_dict: dict[str, Tensor], *, num_steps: int) -> None:
         """Start the EMA from weights averaged elsewhere: a dict keyed like
@@ -437,23 +421,12 @@ class EMAOptimizer(torch.optim.Optimizer):
         values = migrate.checked_values(self, state_dict)
         self._load_ema(int(num_steps), self._store.skipped(), [values] * len(self.schedules))
 
-    def _profile_state(self, profile: int) -> dict[str, dict]:
-        """One profile's shadows: ``shadow`` keyed like the optimizer's state, ``buffers`` by name."""
-        n = self._num_params
-        # Inside swap_ema() the EMA sits in the model until the block ends: copies, so the dict keeps it.
-        copy = self._store.swapped
-        shadow = [sharding.like(self._store.ema(i, profile).detach().clone() if copy
-                                else self._store.ema(i, profile).detach(), self._objects[i])
-                  for i in range(len(self._store))]
-        return {"shadow": dict(enumerate(shadow[:n])),
-                "buffers": {name: shadow[n + j] for j, (_, _, name) in enumerate(self._buffer_slots)}}
-
     @property
-    def ema_checkpoint(self) -> _EMACheckpoint:
+    def ema_checkpoint(self) -> EMACheckpoint:
         """The ``"ema"`` part of :meth:`state_dict` as a ``torch.distributed.checkpoint``
         ``Stateful``: put it in the dict given to ``dcp.save``/``dcp.load``
         beside the model and the wrapped optimizer's state."""
-        return _EMACheckpoint(self)
+        return EMACheckpoint(self)
 
     def load_state_dict(self, state_dict: dict[str, Any], *, match_names: bool = True) -> None:
         """Load a dict from :meth:`state_dict`: everything is checked before anything changes.
@@ -478,20 +451,12 @@ class EMAOptimizer(torch.optim.Optimizer):
             finally:
                 self._match_names = True
             return
-        checked = self._check_load(state_dict, match_names)
+        checked = check_load(self, state_dict, match_names)
         self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "ema"})
         self._apply_load(checked)
 
-    def _check_load(self, state_dict: dict[str, Any], match_names: bool) -> tuple[int, int, list[Tensor]] | None:
-        """The checked ``"ema"`` entry of an optimizer state dict, or None (with a warning) when it has none."""
-        if "ema" in state_dict:
-            return self._check_ema(state_dict["ema"], match_names)
-        warnings.warn("state_dict has no 'ema' entry (saved from a bare optimizer?): the optimizer state is "
-                      f"loaded and the EMA restarts from the current weights at step {self._step}", stacklevel=4)
-        return None
-
-    def _apply_load(self, checked: tuple[int, int, list[Tensor]] | None) -> None:
-        """After the base optimizer loaded: the EMA of :meth:`_check_load`, or a restart from the current weights."""
+    def _apply_load(self, checked: Checked | None) -> None:
+        """After the base optimizer loaded: the checked EMA, or a restart from the current weights."""
         if checked is not None:
             self._load_ema(*checked)
             return
@@ -508,90 +473,6 @@ class EMAOptimizer(torch.optim.Optimizer):
             self._clock.set(step)
         self.run_id = run or self.run_id
 
-    def _check_ema(self, ema: Any, match_names: bool = True) -> tuple[int, int, list[list[Tensor]], str | None]:
-        """The step, skip count, shadow values (per profile) and run id of a saved
-        ``"ema"`` entry, or an error naming the culprit."""
-        if not isinstance(ema, dict):
-            raise TypeError(f"state_dict['ema'] must be a dict, got {type(ema).__name__}")
-        single = None in self.schedules
-        missing = {"step"} | ({"shadow", "buffers"} if single else {"profiles"})
-        missing -= ema.keys()
-        if missing:
-            other = "several profiles" if "profiles" in ema else "one unnamed profile"
-            raise ValueError(f"state_dict['ema'] lacks {sorted(missing)} (it was saved with {other})")
-        for key in ("step", "skipped_updates"):
-            value = ema.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-                raise ValueError(f"state_dict['ema']['{key}'] must be a non-negative integer, got {value!r}")
-        run = ema.get("run")
-        if run is not None and not isinstance(run, str):
-            raise TypeError(f"state_dict['ema']['run'] must be a str, got {type(run).__name__}")
-        if ema.get("interval", self.interval) != self.interval:
-            warnings.warn(f"the checkpoint was saved with interval={ema['interval']}; continuing with "
-                          f"interval={self.interval}", stacklevel=4)
-        if match_names:
-            self._check_names(ema.get("names"))
-        if single:
-            values = [self._check_profile(ema, 0, "state_dict['ema']", match_names)]
-        else:
-            profiles = ema["profiles"]
-            if not isinstance(profiles, dict) or set(profiles) != set(self.schedules):
-                saved = sorted(profiles) if isinstance(profiles, dict) else type(profiles).__name__
-                raise ValueError(f"state_dict['ema']['profiles'] holds {saved}; this EMA has profiles "
-                                 f"{sorted(self.schedules)}")
-            values = [self._check_profile(profiles[name], k, f"state_dict['ema']['profiles'][{name!r}]", match_names)
-                      for k, name in enumerate(self.schedules)]
-        return int(ema["step"]), int(ema.get("skipped_updates", 0)), values, run
-
-    def _check_profile(self, entry: Any, profile: int, where: str, match_names: bool) -> list[Tensor]:
-        """One profile's saved shadows (``shadow`` and ``buffers``), checked, as this rank's values."""
-        if not isinstance(entry, dict) or not {"shadow", "buffers"} <= entry.keys():
-            raise ValueError(f"{where} must be a dict with 'shadow' and 'buffers'")
-        n = self._num_params
-        saved = [("shadow", entry["shadow"], list(range(n))),
-                 ("buffers", entry["buffers"], [name for _, _, name in self._buffer_slots])]
-        values = []
-        for key, entries, expected in saved:
-            if not isinstance(entries, dict):
-                raise TypeError(f"{where}['{key}'] must be a dict, got {type(entries).__name__}")
-            if key == "buffers" and not match_names and len(entries) == len(expected):
-                entries = dict(zip(expected, entries.values()))
-            unexpected = [k for k in entries if k not in set(expected)]
-            if unexpected:
-                raise ValueError(f"{where}['{key}'] has entries this EMA does not track: {unexpected[:5]}")
-            for k in expected:
-                i = len(values)
-                name = self._store.names[i]
-                if k not in entries:
-                    raise ValueError(f"{where}['{key}'] has no shadow for {name} (key {k!r})")
-                value, shadow, target = entries[k], self._store.shadow_view(i, profile), self._objects[i]
-                if not isinstance(value, Tensor):
-                    raise TypeError(f"the saved shadow of {name} is a {type(value).__name__}, not a tensor")
-                if value.shape != target.shape:
-                    raise ValueError(f"the saved shadow of {name} has shape {tuple(value.shape)}, "
-                                     f"the parameter has {tuple(target.shape)}")
-                if value.dtype != shadow.dtype:
-                    raise ValueError(f"the saved shadow of {name} has dtype {value.dtype}, this EMA keeps "
-                                     f"{shadow.dtype} (shadow_dtype=)")
-                values.append(value)
-        # Shards last: taking a rank's shard of a full or differently sharded value may communicate.
-        return [sharding.local_value(v, t) for v, t in zip(values, self._objects)]
-
-    def _check_names(self, saved: Any) -> None:
-        """The checkpoint's parameter names, where it has them (and ``model=`` gives ours), are ours."""
-        if saved is None or self.model is None:
-            return  # saved without model=, or before names were saved: matched by position
-        ours = self._store.names[:self._num_params]
-        if not isinstance(saved, (list, tuple)) or not all(isinstance(name, str) for name in saved):
-            raise TypeError(f"state_dict['ema']['names'] must be a list of parameter names, got {saved!r:.80}")
-        for i, (theirs, mine) in enumerate(zip(saved, ours)):
-            if theirs != mine:
-                raise ValueError(f"the checkpoint's shadow {i} is for {theirs!r}, this model's parameter {i} is {mine!r} "
-                                 "(a checkpoint of another model?); after a deliberate rename, load with "
-                                 "match_names=False")
-        if len(saved) != len(ours):
-            raise ValueError(f"the checkpoint has shadows for {len(saved)} parameters, this optimizer has {len(ours)}")
-
 
 def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | None = None, **kwargs: Any) -> EMAOptimizer:
     """Keep the EMA of an optimizer that something else built and holds, without replacing it.
@@ -607,20 +488,6 @@ def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | None =
     ema = EMAOptimizer(optimizer, momentum, **kwargs)
     ema._hooks = AttachHooks(ema).register(optimizer)
     return ema
-
-
-class _EMACheckpoint:
-    """A ``Stateful`` view of one wrapper's EMA state, for ``torch.distributed.checkpoint``."""
-
-    def __init__(self, opt: EMAOptimizer) -> None:
-        self._opt = opt
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._opt._ema_state()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._opt._refuse_while_swapped("loading the EMA checkpoint")
-        self._opt._load_ema(*self._opt._check_ema(state_dict))
 
 
 def _warn_if_decay_like(schedule: Schedule, given_as_decay: bool) -> None:
