@@ -52,13 +52,16 @@ _PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 class StorageWatch:
     """Whether any tensor's storage moved since :meth:`mark`, in one pass over all of them."""
 
-    def __init__(self, tensors: list[Tensor]) -> None:
+    def __init__(self, tensors: list[Tensor], keep_storages: bool = False) -> None:
         self.tensors = tensors  # the caller's own list: a tensor put in its place is watched
+        self.keep_storages = keep_storages
         self.mark()
 
     def mark(self) -> None:
         self.ptrs = list(map(Tensor.data_ptr, self.tensors))
         self.indices = list(range(len(self.tensors)))
+        # Held until the next mark: a storage replaced meanwhile stays allocated (overlap=True).
+        self.storages = [t.untyped_storage() for t in self.tensors] if self.keep_storages else None
 
     def moved(self) -> bool:
         if _PTRS_EQUAL is not None:

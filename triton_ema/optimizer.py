@@ -21,6 +21,7 @@ from .checkpoint import Checked, EMACheckpoint, check_load, ema_state
 from .clock import DeviceClock
 from .hooks import AttachHooks, attached_ema
 from .module import EMAModuleLink, ema_module
+from .overlap import side_stream
 from .schedules import Constant, Schedule, momentum_at, profile_schedules
 from .store import ShadowStore
 from .swap import SwapContext
@@ -53,6 +54,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         backend: str = "auto",
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        overlap: bool = False,
     ) -> None:
         if isinstance(optimizer, EMAOptimizer):
             raise TypeError("optimizer is already an EMAOptimizer; wrap the base optimizer once")
@@ -98,6 +100,8 @@ class EMAOptimizer(torch.optim.Optimizer):
                                   profiles=len(schedules))
         self._step = 0
         self._clock = self._device_clock() if capturable else None
+        self.overlap = bool(overlap)
+        self._side = self._side_stream()
         self._hooks: list[RemovableHandle] = []  # attach(): handles of the hooks on the wrapped optimizer
         self._match_names = True  # attached: load_state_dict's match_names, for the load hooks
         self._module_links: dict[int, EMAModuleLink] = {}  # ema_module(): per profile, the module kept on the EMA
@@ -133,8 +137,23 @@ class EMAOptimizer(torch.optim.Optimizer):
     def capturable(self) -> bool:
         return self._clock is not None
 
+    def _devices(self) -> set[torch.device]:
+        """Where the averaged tensors and their shadows are."""
+        return {t.device for b in self._store.buckets for t in (b.shadows, b.tensors[0])}
+
+    def _side_stream(self):
+        """``overlap=True``: the side stream the update runs on, or None (CPU buckets: nothing to overlap)."""
+        side = side_stream(self._devices()) if self.overlap else None
+        self._store.keep_alive(side is not None)
+        return side
+
+    def _wait_update(self) -> None:
+        """``overlap=True``: the current stream waits for the update in flight (the host does not)."""
+        if self._side is not None:
+            self._side.wait()
+
     def _device_clock(self) -> DeviceClock:
-        devices = {t.device for b in self._store.buckets for t in (b.shadows, b.tensors[0])}
+        devices = self._devices()
         if len(devices) > 1:
             raise ValueError(f"capturable=True needs the params and their shadows on one device, got {sorted(map(str, devices))}")
         device = devices.pop() if devices else torch.device("cpu")
@@ -147,6 +166,7 @@ class EMAOptimizer(torch.optim.Optimizer):
     def skipped_updates(self) -> int:
         """With ``skip_nonfinite=True``: bucket updates skipped because their
         params held NaN or Inf (reading it waits for the device)."""
+        self._wait_update()
         return self._store.skipped()
 
     def __repr__(self) -> str:
@@ -160,11 +180,13 @@ class EMAOptimizer(torch.optim.Optimizer):
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
         state["_hooks"] = []  # the copied optimizer has no hooks: a copy of an attached EMA is a wrapper
         state["_module_links"] = {}  # EMA modules follow the original
+        state["_side"] = None  # a CUDA stream does not pickle: the copy makes its own
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._init_hooks()
+        self._side = self._side_stream()
 
     def _init_hooks(self) -> None:
         # Optimizer.__init__ is not called (it would rebuild param_groups); set up its hooks.
@@ -265,7 +287,11 @@ class EMAOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _update_ema(self, momenta: list[float] | Tensor, skip: Tensor | None = None) -> None:
         self._sync()
-        self._store.update(momenta, self.skip_nonfinite, skip)
+        if self._side is None:
+            self._store.update(momenta, self.skip_nonfinite, skip)
+        else:
+            self._side.run(lambda: self._store.update(momenta, self.skip_nonfinite, skip),
+                           (momenta if isinstance(momenta, Tensor) else None, skip))
         for profile, link in list(self._module_links.items()):
             if link.alive() is None:
                 del self._module_links[profile]
@@ -290,6 +316,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         """Params added to the wrapped optimizer itself (``opt.optimizer.add_param_group``)
         are noticed at the next step, swap or checkpoint: their shadows start as
         copies of their current values (removed ones are dropped)."""
+        self._wait_update()  # every way to the params and shadows passes here first
         if sum(len(group["params"]) for group in self.param_groups) != self._num_params:
             self._refuse_while_swapped("adding parameters to the wrapped optimizer")
             self._track_params()

@@ -37,6 +37,7 @@ class ShadowStore:
         self.skips: dict[torch.device, Tensor] = {}  # per device: bucket updates skipped for non-finite params
         self.held: list[Tensor] | None = None  # while swapped: the storage that swap_in swapped
         self.generation = -1  # counts the layouts: views of the shadows taken before a rebuild are stale
+        self.keep_storages = False  # hold the tensors' storages until the next refresh (overlap=True)
         self.rebuild(list(tensors), list(names), [None] * len(tensors))
 
     def rebuild(self, tensors: list[Tensor], names: list[str], values: list[Sequence[Tensor] | None]) -> None:
@@ -53,7 +54,13 @@ class ShadowStore:
                     views[slot].copy_(v)
         self.tensors, self.names, self.buckets, self.where = tensors, names, buckets, where
         self.generation += 1
-        self.watch = StorageWatch(tensors)
+        self.watch = StorageWatch(tensors, self.keep_storages)
+
+    def keep_alive(self, keep: bool) -> None:
+        """Hold every averaged tensor's storage from one refresh to the next, so that a
+        storage replaced meanwhile is not freed while an update may still read it."""
+        self.keep_storages = keep
+        self.watch = StorageWatch(self.tensors, keep)
 
     def __len__(self) -> int:
         return len(self.tensors)
