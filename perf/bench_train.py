@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import DEVICE, TINY
 
-from triton_ema.bench.train import default_config, make_step, variants
+from triton_ema.bench.train import CAPTURED, default_config, make_step, variants
 
 VARIANTS = variants()
 
@@ -14,7 +14,7 @@ VARIANTS = variants()
                                   for name, (_, why) in VARIANTS.items()])
 def bench_train_step(benchmark, name):
     cfg = default_config(DEVICE, TINY)
-    step, params = make_step(VARIANTS[name][0], cfg, DEVICE)
+    step, params = make_step(VARIANTS[name][0], cfg, DEVICE, captured=name.endswith(CAPTURED))
 
     def call():
         step()

@@ -7,11 +7,13 @@ minutes, the same widths and vocabulary with 2 layers (54M parameters), batch
 has it for the device, foreach otherwise. Each variant gets its own copy of
 the model, from the same seed, and runs the same batch; steps are timed in turn,
 one of each per round, and the EMA's share of a step is (step - step without
-EMA) / step.
+EMA) / step (a captured step's, against the captured step without EMA).
 
 A variant is a name and a function ``(model, base optimizer) -> step
-function``: rows for more ways of running our EMA (on a side stream, inside a
-captured CUDA graph) are added to ``variants()`` as one entry each.
+function``. On a GPU two more of ours run: ``overlap=True`` (the update on a
+side stream, beside the next forward), and the whole step captured in a CUDA
+graph and replayed, beside the same step captured without EMA (the base
+optimizer then ``capturable=True``).
 """
 
 from __future__ import annotations
@@ -82,12 +84,12 @@ class GPT(nn.Module):
         return F.linear(self.ln_f(x), self.wte.weight)
 
 
-def base_optimizer(params, device: torch.device) -> torch.optim.Optimizer:
+def base_optimizer(params, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
     """AdamW, fused where this torch has it for ``device``, else foreach."""
     try:
-        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+        return torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=capturable)
     except RuntimeError:
-        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True, capturable=capturable)
 
 
 def timm_ema_v3() -> type | str:
@@ -118,6 +120,14 @@ def _triton_ema(model, base):
     return EMAOptimizer(base, momentum=MOMENTUM), lambda: None
 
 
+def _triton_ema_overlap(model, base):
+    return EMAOptimizer(base, momentum=MOMENTUM, overlap=True), lambda: None
+
+
+def _triton_ema_captured(model, base):
+    return EMAOptimizer(base, momentum=MOMENTUM, capturable=True), lambda: None
+
+
 def _foreach_lerp(model, base):
     params = [p.detach() for p in model.parameters()]
     shadows = [p.clone() for p in params]
@@ -139,24 +149,32 @@ def _timm(model, base):
     return base, lambda: ema.update(model)
 
 
+CAPTURED = " (captured)"  # the suffix of the variants whose step is captured in a CUDA graph and replayed
+
+
 def variants() -> dict[str, tuple[Variant, str | None]]:
     """Name -> (variant, why it cannot run here or None); the step without EMA first."""
     timm = timm_ema_v3()
+    gpu = None if torch.cuda.is_available() else "needs a CUDA device"
     return {
         "no EMA": (_none, None),
         "triton-ema": (_triton_ema, None),
+        "triton-ema overlap": (_triton_ema_overlap, gpu),
         "foreach_lerp after step": (_foreach_lerp, None),
         "foreach mul_+add_ (NeMo)": (_nemo, None),
         "timm ModelEmaV3": (_timm, timm if isinstance(timm, str) else None),
+        "no EMA" + CAPTURED: (_none, gpu),
+        "triton-ema" + CAPTURED: (_triton_ema_captured, gpu),
     }
 
 
-def make_step(variant: Variant, cfg: Config, device: torch.device) -> tuple[Callable[[], None], list[Tensor]]:
+def make_step(variant: Variant, cfg: Config, device: torch.device,
+              captured: bool = False) -> tuple[Callable[[], None], list[Tensor]]:
     """One training step of a fresh model (seed 0) on a fixed batch, with ``variant``'s EMA;
-    and the model's parameters."""
+    and the model's parameters. ``captured``: the step is a CUDA graph's replay."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    opt, after = variant(model, base_optimizer(model.parameters(), device))
+    opt, after = variant(model, base_optimizer(model.parameters(), device, capturable=captured))
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(cfg.vocab, (cfg.batch, cfg.seq + 1), generator=g).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -168,8 +186,23 @@ def make_step(variant: Variant, cfg: Config, device: torch.device) -> tuple[Call
         loss.backward()
         opt.step()
         after()
-        opt.zero_grad(set_to_none=True)
-    return step, list(model.parameters())
+        opt.zero_grad(set_to_none=not captured)  # a captured step keeps its grads' memory
+    return (capture(step) if captured else step), list(model.parameters())
+
+
+def capture(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph after three warm-up steps on a side stream (as
+    ``torch.cuda.graphs`` asks); returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def default_config(device: torch.device, tiny: bool) -> Config:
@@ -181,14 +214,15 @@ def train_rows(cfg: Config, device: torch.device, reps: int, measure, interleave
     found = variants()
     absent = {name: why for name, (_, why) in found.items() if why}
     names = [name for name in found if name not in absent]
-    steps, params = zip(*(make_step(found[name][0], cfg, device) for name in names))
+    steps, params = zip(*(make_step(found[name][0], cfg, device, captured=name.endswith(CAPTURED)) for name in names))
     times = interleaved(list(steps), reps, measure)
     dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
     rows = [{"job": "train", "workload": cfg.name, "tensors": len(params[0]), "numel": sum(p.numel() for p in params[0]),
              "dtype": dtype, "shadow": "float32",
              "provider": name, "median_ms": median(t) * 1e3, "gbps": None, "peak_extra_mb": None}
             for name, t in zip(names, times)]
-    base = rows[0]["median_ms"]
-    for row in rows:
-        row["ema_share"] = (row["median_ms"] - base) / row["median_ms"]
+    base = {row["provider"]: row["median_ms"] for row in rows}
+    for row in rows:  # a captured step against the captured step without EMA
+        without = base["no EMA" + CAPTURED if row["provider"].endswith(CAPTURED) else "no EMA"]
+        row["ema_share"] = (row["median_ms"] - without) / row["median_ms"]
     return rows, absent
