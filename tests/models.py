@@ -1,5 +1,7 @@
 """Small models and training loops shared by the tests."""
 
+import io
+
 import torch
 from torch import nn
 
@@ -78,3 +80,11 @@ def regression_loss(weights, x, y):
 def float64_ema_step(ema, params, momentum):
     """One update of a float64 reference EMA: ``s + m (p - s)`` for each shadow ``s`` and weight ``p``."""
     return [s + momentum * (p.detach().double() - s) for s, p in zip(ema, params)]
+
+
+def roundtrip(obj):
+    """``obj`` saved with torch.save and loaded back with ``weights_only=True``, as a checkpoint is."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

@@ -1,11 +1,10 @@
 """attach(): the EMA of an optimizer that something else built and holds, run by that optimizer's own hooks."""
 
-import io
 
 import pytest
 import torch
 from conftest import DEVICE, assert_ulps
-from models import batches, make_model, train_step
+from models import batches, make_model, roundtrip, train_step
 
 from triton_ema import EMAOptimizer, attach
 from triton_ema.schedules import Cosine
@@ -19,13 +18,6 @@ def build(seed=0, attached=True, backend="torch", **kw):
     make = attach if attached else EMAOptimizer
     ema = make(base, SCHEDULE, interval=2, model=model, update_buffers=True, backend=backend, **kw)
     return model, base, ema
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def ema_values(ema):

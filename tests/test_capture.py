@@ -4,7 +4,7 @@ momenta from memory, and a whole training step captured in a CUDA graph (GPU onl
 import pytest
 import torch
 from conftest import DEVICE, assert_ulps
-from models import batches, make_base, make_model, train_step
+from models import batches, make_base, make_model, roundtrip, train_step
 
 from triton_ema import EMAOptimizer, attach
 from triton_ema.checkpoint import profile_state
@@ -49,7 +49,7 @@ def test_the_device_counter_resumes_bitwise(backend):
     data = batches(8, device=DEVICE)
     for batch in data[:4]:
         train_step(model, opt, batch)
-    checkpoint = torch_roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})  # saved now: views are live
+    checkpoint = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})  # saved now: views are live
     for batch in data[4:]:
         train_step(model, opt, batch)
 
@@ -63,15 +63,6 @@ def test_the_device_counter_resumes_bitwise(backend):
         for a, b in zip(profile_state(opt, k)["shadow"].values(), profile_state(resumed, k)["shadow"].values()):
             assert torch.equal(a, b)
     assert resumed.num_steps == 8
-
-
-def torch_roundtrip(state_dict):
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def test_non_finite_params_are_counted_on_update_steps_only(backend):

@@ -1,13 +1,12 @@
 """state_dict / load_state_dict: resume continues bitwise; bad dicts are refused whole."""
 
 import copy
-import io
 import pickle
 
 import pytest
 import torch
 from conftest import DEVICE
-from models import Net, batches, make_model, train_step
+from models import Net, batches, make_model, roundtrip, train_step
 
 from triton_ema import EMAOptimizer
 from triton_ema.schedules import Cosine, Warmup
@@ -19,13 +18,6 @@ def build(seed=0, interval=3, dtype=torch.float32, backend="torch", **kw):
     opt = EMAOptimizer(base, momentum=Cosine(0.3, 0.05, total_steps=8, warm_up=3), interval=interval, model=model,
                        update_buffers=True, backend=backend, **kw)
     return model, opt
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def ema_values(opt):

@@ -4,7 +4,7 @@ state dicts and checkpoints per profile, and post-hoc synthesis from two profile
 import pytest
 import torch
 from conftest import DEVICE, assert_ulps
-from models import batches, make_base, make_model, train_step
+from models import batches, make_base, make_model, roundtrip, train_step
 
 from triton_ema import EMAOptimizer, posthoc
 from triton_ema.checkpoint import profile_state
@@ -78,7 +78,7 @@ def test_resume_continues_bitwise(backend, stop):
     model2, first = wrapper(backend)
     for batch in data[:stop]:
         train_step(model2, first, batch)
-    sd = torch.load(_roundtrip(first.state_dict()), weights_only=True)
+    sd = roundtrip(first.state_dict())
     model_sd = {k: v.clone() for k, v in model2.state_dict().items()}
     model3, resumed = wrapper(backend)
     model3.load_state_dict(model_sd)
@@ -88,15 +88,6 @@ def test_resume_continues_bitwise(backend, stop):
     for name in PROFILES:
         a, b = straight.ema_state_dict(name), resumed.ema_state_dict(name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
-
-
-def _roundtrip(obj):
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return buf
 
 
 def test_profile_names_are_checked_on_load(backend):
