@@ -60,8 +60,13 @@ class StorageWatch:
     def mark(self) -> None:
         self.ptrs = list(map(Tensor.data_ptr, self.tensors))
         self.indices = list(range(len(self.tensors)))
-        # Held until the next mark: a storage replaced meanwhile stays allocated (overlap=True).
-        self.storages = [t.untyped_storage() for t in self.tensors] if self.keep_storages else None
+        self.hold(self.keep_storages)
+
+    def hold(self, keep: bool) -> None:
+        """Hold the tensors' storages until the next mark, so that a storage replaced
+        meanwhile stays allocated (``overlap=True``); the marked pointers stay as they are."""
+        self.keep_storages = keep
+        self.storages = [t.untyped_storage() for t in self.tensors] if keep else None
 
     def moved(self) -> bool:
         if _PTRS_EQUAL is not None:

@@ -60,7 +60,7 @@ class ShadowStore:
         """Hold every averaged tensor's storage from one refresh to the next, so that a
         storage replaced meanwhile is not freed while an update may still read it."""
         self.keep_storages = keep
-        self.watch = StorageWatch(self.tensors, keep)
+        self.watch.hold(keep)
 
     def __len__(self) -> int:
         return len(self.tensors)
