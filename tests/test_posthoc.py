@@ -58,6 +58,18 @@ def test_momentum_follows_the_formula():
         assert s(t) == 1 - (t / (t + 1)) ** 7.94
 
 
+def test_edm2_training_loop_clock_is_ours():
+    """EDM2's training loop adds the batch to ``cur_nimg`` and then calls ``ema.update(cur_nimg,
+    batch_size)``, whose beta is ``(1 - batch_size / cur_nimg) ** (exp + 1)`` (training/phema.py,
+    ``power_function_beta``): its n-th update lerps by our momentum at t = n - 1."""
+    for sigma_rel in (0.05, 0.10):
+        exp, ours = edm2_gamma(sigma_rel), PowerFunction(sigma_rel=sigma_rel)
+        for n in (1, 2, 3, 10, 1000):
+            for batch_size in (1, 256):
+                beta = (1 - batch_size / (n * batch_size)) ** (exp + 1)
+                assert 1 - beta == pytest.approx(ours(n - 1), rel=1e-12)
+
+
 def test_the_ema_is_the_power_function_average():
     """After T steps the EMA weighs step t's params by ((t+1)**(g+1) - t**(g+1)) / T**(g+1)."""
     gamma, steps = 3.0, 40
