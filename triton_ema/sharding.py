@@ -55,3 +55,15 @@ def local_value(value: Tensor, param: Tensor) -> Tensor:
 def full(t: Tensor) -> Tensor:
     """The whole tensor (an all-gather for a DTensor: every rank must call)."""
     return t.full_tensor() if is_dtensor(t) else t
+
+
+def reshard(module: object) -> None:
+    """Free the gathered parameters of every FSDP2 module in ``module`` (FSDP2 keeps the root's
+    gathered after a forward): its parameters are the shards again, and the next forward gathers them."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is None or module is None:
+        return
+    for m in module.modules():
+        if isinstance(m, fsdp_module):
+            m.reshard()

@@ -48,6 +48,7 @@ class SwapContext:
         if opt._store.swapped:
             raise RuntimeError("swap_ema() is already active; nesting it would put training weights in the model")
         with torch.no_grad():
+            sharding.reshard(opt.model)  # FSDP2: a gathered copy of the training weights would hide the swap
             opt._sync()
             self._kept = {i: opt._store.shadow_view(i, self._profile).clone()
                           for i in range(opt._num_params, len(opt._store))}
@@ -57,6 +58,7 @@ class SwapContext:
     def __exit__(self, *exc_info: object) -> None:
         opt = self._opt
         with torch.no_grad():
+            sharding.reshard(opt.model)  # FSDP2: a forward in the block left the EMA gathered
             moved = opt._store.swap_out(opt._current_tensors())
             changed = self._restore_buffers()
             if moved:

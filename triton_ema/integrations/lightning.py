@@ -24,7 +24,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.distributed.fsdp import FSDPModule
 from torch.utils._pytree import tree_map
 
 from ..optimizer import EMAOptimizer, attach
@@ -109,11 +108,7 @@ class EMACallback(pl.Callback):
             raise RuntimeError(f"EMACallback({what}_on_ema=True): there is no EMA to {what} on; fit with this "
                                f"callback in this process first ({what}(ckpt_path=...) then loads that checkpoint's "
                                f"EMA), or pass {what}_on_ema=False")
-        # FSDP2 keeps the root module's parameters gathered after a forward: resharded, the module's
-        # parameters are the swapped shards (not gathered copies of the other weights) on both sides of the swap.
-        _reshard(pl_module)
-        self._swapped.enter_context(self.ema.swap_ema())
-        self._swapped.callback(_reshard, pl_module)
+        self._swapped.enter_context(self.ema.swap_ema())  # reshards FSDP2 modules on both sides of the swap
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._swapped.close()  # the training weights go back into the model
@@ -156,10 +151,3 @@ class EMACallback(pl.Callback):
             raise RuntimeError("EMACallback: the checkpoint holds no EMA (saved without this callback, or with "
                                "weights only); pass validate_on_ema=False / test_on_ema=False to use its weights")
         self.ema.ema_checkpoint.load_state_dict(saved)
-
-
-def _reshard(module: torch.nn.Module) -> None:
-    """Free the gathered parameters of every FSDP2 module: the next forward gathers the shards again."""
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
