@@ -125,7 +125,7 @@ def test_targets_are_met_missed_or_not_measured():
         "parity 150x300000 fp32: triton-ema[torch] at least as fast as foreach_lerp": ("not measured", None),
     }
     assert {t: found[t] for t in expected} == expected
-    assert {found[t] for t in found.keys() - expected.keys()} == {("not measured", None)}  # the K-profile targets
+    assert {found[t] for t in found.keys() - expected.keys()} == {("not measured", None)}  # K-profile, training step
     unmeasured = sum(status == "not measured" for status, _ in found.values())
     assert report(check(rows)).count("not measured") == unmeasured + 1  # and the note on why
 
@@ -159,6 +159,21 @@ def test_parity_targets_compare_the_torch_backend_with_a_bare_foreach_lerp():
         "parity 2000x4096 fp32: triton-ema[torch] at least as fast as foreach_lerp": ("met", 10.5 / 10.0),
         "parity 150x300000 fp32: triton-ema[torch] at least as fast as foreach_lerp": ("missed", 49.0 / 50.0),
     }
+
+
+def test_training_step_targets_take_the_overlap_share_and_the_captured_excess_over_the_kernel():
+    step = "bf16 autocast"
+    rows = [{**_row("triton-ema overlap", "train", "gpt2-small", step, 101.0), "ema_share": 0.012},
+            _row("triton-ema (captured)", "train", "gpt2-small", step, 100.3),
+            _row("no EMA (captured)", "train", "gpt2-small", step, 100.0),
+            _row(OURS, "update", "gpt2-small", "bf16", 0.4, 0.9)]
+    found = {r["target"]: (r["status"], r["value"]) for r in check(rows) if r["target"].startswith("train")}
+    assert found["train gpt2-small bf16 autocast: triton-ema overlap EMA share of the step <= 1%"] == ("missed", 0.012)
+    status, value = found["train gpt2-small bf16 autocast: triton-ema (captured) at most 1x the update kernel's "
+                          "time slower than no EMA (captured)"]
+    assert status == "met" and value == pytest.approx(0.3 / 0.4)
+    without_kernel = {r["target"]: r["status"] for r in check(rows[:3]) if r["target"].startswith("train")}
+    assert sorted(without_kernel.values()) == ["missed", "not measured"]
 
 
 def test_a_target_needs_both_rows_of_a_speedup():
