@@ -259,22 +259,27 @@ def test_cosine_schedule_compiles_one_kernel_per_dtype_pair():
 
 
 
-@pytest.mark.parametrize("param_dtype, shadow_dtype, skip, groups", [
-    (torch.float32, None, False, 1),  # nothing to convert: one foreach call, as a bare _foreach_lerp_
-    (torch.bfloat16, None, False, 4),  # float32 shadows: converted a group at a time
-    (torch.float32, None, True, 4),  # a skippable update keeps a copy of each group
+@pytest.mark.parametrize("param_dtype, shadow_dtype, skip, profiles, groups", [
+    (torch.float32, None, False, 1, 1),  # nothing to convert: one foreach call, as a bare _foreach_lerp_
+    (torch.bfloat16, None, False, 1, 4),  # float32 shadows: converted a group at a time
+    (torch.float32, None, True, 1, 4),  # a skippable update keeps a copy of each group
+    (torch.float32, None, False, 2, 4),  # two profiles: a group's params stay in cache for both
 ])
-def test_torch_backend_cuts_groups_only_where_temporaries_need_them(monkeypatch, param_dtype, shadow_dtype, skip, groups):
+def test_torch_backend_cuts_groups_only_where_temporaries_need_them(monkeypatch, param_dtype, shadow_dtype, skip,
+                                                                     profiles, groups):
     from triton_ema import backends
 
     monkeypatch.setitem(backends.GROUP_NUMEL, DEVICE.type, 1000)
     monkeypatch.setattr(backends, "DEFAULT_GROUP_NUMEL", 1000)
     params = [torch.randn(n, device=DEVICE).to(param_dtype) for n in (700, 900, 1500)]  # groups: 700, 900, 1000 + 500
-    (bucket,), _ = build_buckets(params, ["a", "b", "c"], shadow_dtype, None)
+    (bucket,), _ = build_buckets(params, ["a", "b", "c"], shadow_dtype, None, profiles)
     TorchBackend().params_to_shadow(bucket)
-    expected = [v.double() + 0.5 * (p.double() - v.double()) for v, p in zip(bucket.profile_views[0], params)]
-    TorchBackend()._update(bucket, [0.5], torch.zeros((), dtype=torch.int32, device=DEVICE) if skip else None)
+    momenta = [0.5, 0.25][:profiles]
+    expected = [[v.double() + m * (p.double() - v.double()) for v, p in zip(views, params)]
+                for views, m in zip(bucket.profile_views, momenta)]
+    TorchBackend()._update(bucket, momenta, torch.zeros((), dtype=torch.int32, device=DEVICE) if skip else None)
     (cut,) = [v for k, v in bucket.cache.items() if k[0] == "torch-groups"]
     assert len(cut) == groups
-    for view, e in zip(bucket.profile_views[0], expected):
-        assert_ulps(view, e)
+    for views, profile in zip(bucket.profile_views, expected):
+        for view, e in zip(views, profile):
+            assert_ulps(view, e)

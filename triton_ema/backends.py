@@ -87,9 +87,11 @@ class Backend(abc.ABC):
 # update) run over groups of at most this many elements, a tensor larger than
 # that cut into pieces, so the temporaries stay small whatever the model's size:
 # cache-sized on a CPU (4 MB of float32; larger groups measured 2x slower there),
-# 64 MB elsewhere, where fewer, larger launches are faster. An update that needs
-# none is one foreach call over the whole bucket, as a bare torch._foreach_lerp_
-# (cut into groups it measured 3-9% slower on a CPU).
+# 64 MB elsewhere, where fewer, larger launches are faster. So do updates of
+# several profiles, so that a group's params, read from memory once, are still
+# in cache for every profile's lerp. An update of one profile that needs no
+# temporaries is one foreach call over the whole bucket, as a bare
+# torch._foreach_lerp_ (cut into groups it measured 3-9% slower on a CPU).
 GROUP_NUMEL = {"cpu": 2**20}
 DEFAULT_GROUP_NUMEL = 2**24
 WHOLE = sys.maxsize  # a group limit no bucket reaches
@@ -186,8 +188,9 @@ class TorchBackend(Backend):
     def _update(self, bucket: Bucket, momenta: Sequence[float] | Tensor, skip: Tensor | None) -> None:
         """The update, group by group; where the device scalar ``skip`` is set, each group is put back."""
         keep = None if skip is None else skip.to(bucket.shadows.device, torch.bool)
-        temporaries = keep is not None or not bucket.can_exchange  # a kept copy, or dtype or device conversions
-        limit = GROUP_NUMEL.get(bucket.shadows.device.type, DEFAULT_GROUP_NUMEL) if temporaries else WHOLE
+        # a kept copy, dtype or device conversions, or params to keep in cache for several profiles
+        grouped = keep is not None or not bucket.can_exchange or len(bucket.rows) > 1
+        limit = GROUP_NUMEL.get(bucket.shadows.device.type, DEFAULT_GROUP_NUMEL) if grouped else WHOLE
         for group in _groups(bucket, limit):
             if keep is None:
                 _lerp(group.shadows, group.params, momenta)

@@ -261,11 +261,11 @@ def _post_hoc_ema(params, shadow_dtype, k):
 
 
 def _edm2_loop(params, shadow_dtype, k):
-    """EDM2's power-function EMA update, transcribed from its training code (NVlabs/edm2,
-    training/phema.py, ``PowerFunctionEMA.update``, called by training/training_loop.py after
-    ``cur_nimg += batch_size``): for each profile, beta from its std (the cubic's roots solved
-    by numpy on every call), then ``p_ema.lerp_(p_net, 1 - beta)`` parameter by parameter.
-    The EMAs are deep copies of the net: the params' dtype. Counted here in steps (batch size 1)."""
+    """The way EDM2's training code (NVlabs/edm2, training/phema.py) runs its power-function
+    EMA, written here from the paper's formulas: after the image count grows by the batch,
+    for each profile a beta from its std (the cubic of Eq. 126 solved by numpy on every
+    call), then one ``lerp_`` per parameter. The EMAs are deep copies of the net, in the
+    params' dtype. Counted here in steps (batch size 1)."""
     import numpy as np
 
     stds = SIGMA_RELS[:k]
