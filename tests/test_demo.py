@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, assert_ulps
 
 from triton_ema.demo import DigitsNet, build, evaluate, load_data, parse_args, run
 
@@ -68,3 +68,43 @@ def test_warm_up_changes_the_momentum():
     assert plain.schedule(0) == 0.02 and 0.0199 < plain.schedule(9) < 0.02  # the cosine alone
     for late in (50, 1000):  # once 1 / (1 + t) is below the cosine, the cosine rules
         assert warm.schedule(late) == plain.schedule(late) > 1 / (1 + late)
+
+
+def test_posthoc_sweep_reproduces_the_tracked_profiles(tmp_path, capsys):
+    # 8 steps, snapshots at steps 3 and 6 and at the last one
+    result = tiny(tmp_path, 2, "--posthoc", "--snapshot-every", "3", "--sweep", "0.02", "0.2")
+    assert sorted(p.name for p in result["snapshots"].iterdir()) == [
+        f"snapshot-{t:012d}.pt" for t in (3, 6, 8)]
+    opt, sweep = result["optimizer"], result["sweep"]
+    assert [row["sigma_rel"] for row in sweep] == [0.02, 0.05, 0.1, 0.2]
+    for row in sweep:
+        state = result["states"][row["sigma_rel"]]
+        if row["tracked_acc"] is None:
+            continue
+        # the least-squares weights single out the profile's own last snapshot:
+        # its EMA comes back to within float32 rounding of the float64 combination
+        for key, tracked in opt.ema_state_dict(f"{row['sigma_rel']:g}").items():
+            if tracked.is_floating_point():
+                assert_ulps(state[key], tracked.double(), ulps=1)
+            else:
+                assert torch.equal(state[key], tracked.cpu())
+        assert row["acc"] == row["tracked_acc"] and abs(row["loss"] - row["tracked_loss"]) <= 1e-5 * row["loss"]
+    # the other widths are other weights (the sweep is not the tracked EMA four times)
+    assert not torch.equal(result["states"][0.02]["head.weight"], result["states"][0.2]["head.weight"])
+    assert all(math.isfinite(v) for row in sweep for v in (row["acc"], row["loss"]))
+    printed = capsys.readouterr().out
+    assert "synthesized at step 8 from 3 snapshots" in printed
+    for row in sweep:
+        assert f"{row['sigma_rel']:9.3f} | {row['acc']:16.2f} {row['loss']:6.4f}" in printed
+    assert result["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_posthoc_resume_gives_the_same_sweep(tmp_path):
+    args = ("--posthoc", "--snapshot-every", "3", "--sweep", "0.15")
+    straight = tiny(tmp_path / "a", 2, *args)
+    assert "sweep" not in tiny(tmp_path / "b", 2, *args, "--stop-after", "1")
+    resumed = tiny(tmp_path / "b", 2, *args, "--resume")
+    assert resumed["sweep"] == straight["sweep"] and resumed["history"] == straight["history"]
+    for sigma_rel, state in straight["states"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed["states"][sigma_rel][key], value)

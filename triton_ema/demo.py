@@ -4,7 +4,10 @@ Trains a small CNN on scikit-learn's 8x8 handwritten digits (shipped with
 the package, no download) with AdamW at a deliberately noisy learning rate,
 keeps an EMA of the weights with :class:`EMAOptimizer`, and evaluates the
 training weights and the EMA weights on a held-out split after every epoch.
-Needs the ``demo`` extra: scikit-learn, tqdm, matplotlib.
+With ``--posthoc`` it tracks power-function profiles instead, snapshots them
+while training and afterwards synthesizes a sweep of EMA lengths
+(:mod:`triton_ema.demo_posthoc`). Needs the ``demo`` extra: scikit-learn, tqdm,
+matplotlib.
 """
 
 from __future__ import annotations
@@ -81,16 +84,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "ema-pytorch with power=1): the EMA averages all weights so far, forgetting the random "
                         "initial ones, until the cosine's window is shorter; none: the cosine alone")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the checkpoint and the plot")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the checkpoint and the plot (default: runs/demo, with --posthoc runs/demo-posthoc)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT}")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop after this epoch as if interrupted (then continue with --resume)")
     p.add_argument("--max-batches", type=int, default=None, help="batches per epoch (for quick checks)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    post = p.add_argument_group("post-hoc EMA", "choose the EMA length after training (EDM2); "
+                                "--momentum, --end-momentum and --warm-up do not apply")
+    post.add_argument("--posthoc", action="store_true",
+                      help="track power-function profiles, snapshot them into OUT/snapshots, and after training "
+                           "synthesize and evaluate a sweep of sigma_rel")
+    post.add_argument("--profiles", type=float, nargs="+", default=[0.05, 0.10], metavar="SIGMA_REL",
+                      help="the profiles tracked while training")
+    post.add_argument("--snapshot-every", type=int, default=50, metavar="STEPS",
+                      help="steps between snapshots (and one at the last step)")
+    post.add_argument("--sweep", type=float, nargs="+", default=[0.01, 0.02, 0.03, 0.05, 0.07, 0.10, 0.15, 0.20, 0.25],
+                      metavar="SIGMA_REL", help="the sigma_rel synthesized after training (with the profiles')")
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        p.error("--epochs and --batch-size must be >= 1 and --lr > 0")
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.snapshot_every < 1:
+        p.error("--epochs, --batch-size and --snapshot-every must be >= 1 and --lr > 0")
+    for value in args.profiles + args.sweep:
+        try:
+            schedules.PowerFunction(sigma_rel=value)
+        except ValueError as err:
+            p.error(f"--profiles and --sweep: {err}")
+    if args.out is None:
+        args.out = Path("runs/demo-posthoc" if args.posthoc else "runs/demo")
     return args
 
 
@@ -100,6 +122,10 @@ def build(args: argparse.Namespace, data: Data) -> tuple[nn.Module, EMAOptimizer
     batches = math.ceil(len(data.y_train) / args.batch_size)
     if args.max_batches:
         batches = min(batches, args.max_batches)
+    if args.posthoc:
+        profiles = {f"{s:g}": schedules.PowerFunction(sigma_rel=s) for s in args.profiles}
+        return model, EMAOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), momentum=profiles,
+                                   model=model, update_buffers=True)
     schedule = schedules.Cosine(args.momentum, args.end_momentum, total_steps=args.epochs * batches)
     if args.warm_up == "power":
         schedule = schedules.Max(schedule, schedules.Power(decay=1 - args.end_momentum, power=1.0))
@@ -108,8 +134,35 @@ def build(args: argparse.Namespace, data: Data) -> tuple[nn.Module, EMAOptimizer
     return model, opt
 
 
+def train_epoch(model: nn.Module, opt: EMAOptimizer, data: Data, args: argparse.Namespace,
+                shuffle: torch.Generator, after_step=None) -> None:
+    """One pass over the shuffled training split (at most ``--max-batches`` batches);
+    ``after_step()`` after every step."""
+    order = torch.randperm(len(data.y_train), generator=shuffle).to(args.device)
+    model.train()
+    for idx in order.split(args.batch_size)[: args.max_batches]:
+        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if after_step is not None:
+            after_step()
+
+
+def scores(model: nn.Module, opt: EMAOptimizer, data: Data) -> dict[str, float]:
+    """Held-out accuracy and loss of the training weights and of each EMA profile
+    (``ema_acc``, ``ema_loss`` with one; ``<name>_acc``, ``<name>_loss`` with several)."""
+    row = dict(zip(("train_acc", "train_loss"), evaluate(model, data.x_test, data.y_test)))
+    names = list(opt.schedule) if isinstance(opt.schedule, dict) else [None]
+    for name in names:
+        with opt.swap_ema(name):
+            row[f"{name or 'ema'}_acc"], row[f"{name or 'ema'}_loss"] = evaluate(model, data.x_test, data.y_test)
+    return row
+
+
 def run(argv: list[str] | None = None) -> dict:
-    """Train, evaluate, plot; returns the history (one row per epoch) and paths."""
+    """Train, evaluate, plot; returns the history (one row per epoch) and paths
+    (with ``--posthoc`` also the sweep, see :func:`triton_ema.demo_posthoc.finish`)."""
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
@@ -129,29 +182,28 @@ def run(argv: list[str] | None = None) -> dict:
         shuffle.set_state(ckpt["shuffle"])
         history, start = ckpt["history"], ckpt["epoch"]
         print(f"resumed from {ckpt_path} after epoch {start}")
+    if args.posthoc:
+        from . import demo_posthoc
 
-    n = len(data.y_train)
+        after_step = demo_posthoc.Snapshots(opt, args.out, args.snapshot_every, fresh=not args.resume)
+    else:
+        after_step = None
+
     stop = args.epochs if args.stop_after is None else min(args.stop_after, args.epochs)
     bar = tqdm(total=stop - start, desc="epochs", unit="epoch", disable=args.quiet)
     for epoch in range(start, stop):
-        order = torch.randperm(n, generator=shuffle).to(args.device)
-        chunks = order.split(args.batch_size)[: args.max_batches]
-        model.train()
-        for idx in chunks:
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        train_acc, train_loss = evaluate(model, data.x_test, data.y_test)
-        with opt.swap_ema():
-            ema_acc, ema_loss = evaluate(model, data.x_test, data.y_test)
-        history.append({"epoch": epoch + 1, "train_acc": train_acc, "train_loss": train_loss,
-                        "ema_acc": ema_acc, "ema_loss": ema_loss, "momentum": opt.schedule(opt.num_steps - 1)})
+        train_epoch(model, opt, data, args, shuffle, after_step)
+        row = {"epoch": epoch + 1, **scores(model, opt, data)}
+        if not args.posthoc:
+            row["momentum"] = opt.schedule(opt.num_steps - 1)
+        history.append(row)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "shuffle": shuffle.get_state(),
                     "history": history, "epoch": epoch + 1}, ckpt_path)
-        bar.set_postfix(acc=f"{train_acc:.1f}", ema_acc=f"{ema_acc:.1f}")
+        bar.set_postfix({k.removesuffix("_acc"): f"{v:.1f}" for k, v in row.items() if k.endswith("_acc")})
         bar.update()
     bar.close()
+    if args.posthoc:
+        return demo_posthoc.finish(args, model, opt, data, history, after_step)
 
     plot_path = args.out / PLOT
     plot(history, plot_path)
