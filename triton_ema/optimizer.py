@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import sys
 import uuid
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from numbers import Integral
@@ -16,20 +15,17 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from . import migrate, sharding
-from .backends import BACKENDS
+from .arguments import check_arguments, check_params, find_buffers, param_names
 from .checkpoint import Checked, EMACheckpoint, check_load, ema_state
 from .clock import DeviceClock
-from .hooks import AttachHooks, attached_ema
+from .hooks import AttachHooks
 from .module import EMAModuleLink, ema_module
 from .overlap import side_stream
-from .schedules import Constant, Schedule, momentum_at, profile_schedules
+from .schedules import Schedule, momentum_at
 from .store import ShadowStore
 from .swap import SwapContext
 
 __all__ = ["EMAOptimizer", "attach"]
-
-SHADOW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 class EMAOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer``; every ``step()`` also updates an exponential moving
@@ -58,31 +54,8 @@ class EMAOptimizer(torch.optim.Optimizer):
     ) -> None:
         if isinstance(optimizer, EMAOptimizer):
             raise TypeError("optimizer is already an EMAOptimizer; wrap the base optimizer once")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if attached_ema(optimizer) is not None:
-            raise ValueError(f"{type(optimizer).__name__} already has an EMA attached; use that one, or detach() it first")
-        schedules = profile_schedules(momentum, decay)
-        for schedule in schedules.values():
-            _warn_if_decay_like(schedule, decay is not None)
-        if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if update_buffers and model is None:
-            raise ValueError("update_buffers=True needs model= (the module whose buffers to average)")
-        if model is not None and not _shares_params(model, optimizer):
-            raise ValueError(f"model= ({type(model).__name__}) shares no parameter with the optimizer (a copy of the "
-                             "model?); pass the module whose parameters the optimizer updates")
-        if shadow_dtype is not None and shadow_dtype not in SHADOW_DTYPES:
-            raise TypeError(f"shadow_dtype must be one of {SHADOW_DTYPES} or None, got {shadow_dtype!r}")
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError) as err:
-                raise ValueError(f"device must name a torch device, got {device!r}") from err
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        schedules, device = check_arguments(optimizer, momentum, decay, interval, model, update_buffers, shadow_dtype,
+                                            device, backend)
 
         self.optimizer = optimizer
         self.schedules = schedules  # the EMA profiles by name; {None: schedule} for one unnamed profile
@@ -94,7 +67,7 @@ class EMAOptimizer(torch.optim.Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self._init_hooks()
 
-        self._buffer_slots = self._find_buffers() if update_buffers else []
+        self._buffer_slots = find_buffers(model) if update_buffers else []
         tensors, names = self._tracked()
         self._store = ShadowStore(tensors, names, shadow_dtype=shadow_dtype, device=device, backend=backend,
                                   profiles=len(schedules))
@@ -204,33 +177,14 @@ class EMAOptimizer(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _param_names(self) -> list[str]:
-        known = {id(p): name for name, p in self.model.named_parameters()} if self.model is not None else {}
-        return [known.get(id(p), f"param_groups[{g}]['params'][{i}]")
-                for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])]
-
-    def _find_buffers(self) -> list[tuple[nn.Module, str, str]]:
-        """(module, attribute, name) of every floating buffer in the model's state_dict."""
-        slots, seen = [], set()
-        for prefix, module in self.model.named_modules():
-            for attr, buf in module._buffers.items():
-                persistent = attr not in module._non_persistent_buffers_set
-                if buf is not None and buf.is_floating_point() and persistent and id(buf) not in seen:
-                    seen.add(id(buf))
-                    slots.append((module, attr, f"{prefix}.{attr}" if prefix else attr))
-        return slots
+        return param_names(self.param_groups, self.model)
 
     def _tracked(self) -> tuple[list[Tensor], list[str]]:
         """The averaged tensors as the buckets see them (local shards of DTensors), and their names.
 
         Also sets ``_objects``: the same tensors as the user sees them (params, then buffers)."""
         params, names = self._params(), self._param_names()
-        seen = {}
-        for p, name in zip(params, names):
-            if not p.is_floating_point():
-                raise TypeError(f"{name} has dtype {p.dtype}; only floating-point parameters can be averaged")
-            if id(p) in seen:  # a swap would exchange it twice, i.e. not at all
-                raise ValueError(f"{name} is the same tensor as {seen[id(p)]}; list each parameter once")
-            seen[id(p)] = name
+        check_params(params, names)
         buffers = [module._buffers[attr] for module, attr, _ in self._buffer_slots]
         self._objects = params + buffers
         self._num_params = len(params)
@@ -515,27 +469,6 @@ def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | None =
     ema = EMAOptimizer(optimizer, momentum, **kwargs)
     ema._hooks = AttachHooks(ema).register(optimizer)
     return ema
-
-
-def _warn_if_decay_like(schedule: Schedule, given_as_decay: bool) -> None:
-    """A constant momentum above 0.5 is nearly always a decay passed as momentum (mmengine warns too)."""
-    if not isinstance(schedule, Constant) or schedule.momentum <= 0.5:
-        return
-    m = schedule.momentum
-    if given_as_decay:
-        hint = f"decay={1 - m:g} is momentum {m:g}; if you meant a momentum of {1 - m:g}, pass momentum={1 - m:g}"
-    else:
-        hint = (f"momentum={m:g} is the weight of the new parameters; if you meant a decay (timm, torch_ema, "
-                f"diffusers), pass decay={m:g} (momentum = 1 - decay)")
-    warnings.warn(f"{hint}: with momentum {m:g} each update keeps only {1 - m:g} of the EMA, which then nearly "
-                  "copies the weights", UserWarning, stacklevel=3)
-
-
-def _shares_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """The model has no parameters, or at least one of them is the optimizer's."""
-    ours = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    params = list(model.parameters())
-    return not params or any(id(p) in ours for p in params)
 
 
 @functools.cache

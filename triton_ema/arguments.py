@@ -1,0 +1,99 @@
+"""What the user gives ``EMAOptimizer``: every argument checked, naming the culprit, and
+what is averaged found (parameter names, floating buffers)."""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .backends import BACKENDS
+from .hooks import attached_ema
+from .schedules import Constant, Schedule, profile_schedules
+
+SHADOW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_arguments(optimizer: Any, momentum: Any, decay: Any, interval: Any, model: Any, update_buffers: bool,
+                    shadow_dtype: Any, device: Any, backend: Any) -> tuple[dict[str | None, Schedule], torch.device | None]:
+    """The EMA profiles' schedules and the shadows' device, or an error naming the bad argument."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if attached_ema(optimizer) is not None:
+        raise ValueError(f"{type(optimizer).__name__} already has an EMA attached; use that one, or detach() it first")
+    schedules = profile_schedules(momentum, decay)
+    for schedule in schedules.values():
+        warn_if_decay_like(schedule, decay is not None)
+    if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
+        raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if update_buffers and model is None:
+        raise ValueError("update_buffers=True needs model= (the module whose buffers to average)")
+    if model is not None and not shares_params(model, optimizer):
+        raise ValueError(f"model= ({type(model).__name__}) shares no parameter with the optimizer (a copy of the "
+                         "model?); pass the module whose parameters the optimizer updates")
+    if shadow_dtype is not None and shadow_dtype not in SHADOW_DTYPES:
+        raise TypeError(f"shadow_dtype must be one of {SHADOW_DTYPES} or None, got {shadow_dtype!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must name a torch device, got {device!r}") from err
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return schedules, device
+
+
+def check_params(params: list[Tensor], names: list[str]) -> None:
+    """Every averaged parameter is floating point and listed once."""
+    seen = {}
+    for p, name in zip(params, names):
+        if not p.is_floating_point():
+            raise TypeError(f"{name} has dtype {p.dtype}; only floating-point parameters can be averaged")
+        if id(p) in seen:  # a swap would exchange it twice, i.e. not at all
+            raise ValueError(f"{name} is the same tensor as {seen[id(p)]}; list each parameter once")
+        seen[id(p)] = name
+
+
+def param_names(param_groups: list[dict], model: nn.Module | None) -> list[str]:
+    """Each parameter's name in ``model``, or its place in the optimizer's groups."""
+    known = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
+    return [known.get(id(p), f"param_groups[{g}]['params'][{i}]")
+            for g, group in enumerate(param_groups) for i, p in enumerate(group["params"])]
+
+
+def find_buffers(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(module, attribute, name) of every floating buffer in the model's state_dict."""
+    slots, seen = [], set()
+    for prefix, module in model.named_modules():
+        for attr, buf in module._buffers.items():
+            persistent = attr not in module._non_persistent_buffers_set
+            if buf is not None and buf.is_floating_point() and persistent and id(buf) not in seen:
+                seen.add(id(buf))
+                slots.append((module, attr, f"{prefix}.{attr}" if prefix else attr))
+    return slots
+
+
+def warn_if_decay_like(schedule: Schedule, given_as_decay: bool) -> None:
+    """A constant momentum above 0.5 is nearly always a decay passed as momentum (mmengine warns too)."""
+    if not isinstance(schedule, Constant) or schedule.momentum <= 0.5:
+        return
+    m = schedule.momentum
+    if given_as_decay:
+        hint = f"decay={1 - m:g} is momentum {m:g}; if you meant a momentum of {1 - m:g}, pass momentum={1 - m:g}"
+    else:
+        hint = (f"momentum={m:g} is the weight of the new parameters; if you meant a decay (timm, torch_ema, "
+                f"diffusers), pass decay={m:g} (momentum = 1 - decay)")
+    warnings.warn(f"{hint}: with momentum {m:g} each update keeps only {1 - m:g} of the EMA, which then nearly "
+                  "copies the weights", UserWarning, stacklevel=4)
+
+
+def shares_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """The model has no parameters, or at least one of them is the optimizer's."""
+    ours = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = list(model.parameters())
+    return not params or any(id(p) in ours for p in params)
