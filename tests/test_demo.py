@@ -108,3 +108,11 @@ def test_posthoc_resume_gives_the_same_sweep(tmp_path):
     for sigma_rel, state in straight["states"].items():
         for key, value in state.items():
             assert torch.equal(resumed["states"][sigma_rel][key], value)
+
+
+@pytest.mark.parametrize("option", ["--profiles", "--sweep"])
+def test_posthoc_refuses_a_width_without_a_power_function(option, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--posthoc", option, "0.3"])
+    assert "sigma_rel must lie in (0, 0.2887)" in capsys.readouterr().err
+    assert parse_args(["--posthoc"]).out.name == "demo-posthoc" and parse_args([]).out.name == "demo"

@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "ema-pytorch with power=1): the EMA averages all weights so far, forgetting the random "
                         "initial ones, until the cosine's window is shorter; none: the cosine alone")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=Path, default=argparse.SUPPRESS,
                    help="folder for the checkpoint and the plot (default: runs/demo, with --posthoc runs/demo-posthoc)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT}")
@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             schedules.PowerFunction(sigma_rel=value)
         except ValueError as err:
             p.error(f"--profiles and --sweep: {err}")
-    if args.out is None:
+    if "out" not in vars(args):
         args.out = Path("runs/demo-posthoc" if args.posthoc else "runs/demo")
     return args
 
