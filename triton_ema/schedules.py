@@ -204,7 +204,19 @@ class MomentumAnnealing(Formula):
 
 
 @dataclass(frozen=True)
-class CopyUntil:
+class _Until:
+    """A schedule and the step where it takes over, both checked."""
+
+    schedule: Schedule
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        _check_schedule("schedule", self.schedule)
+        object.__setattr__(self, "step", _check_count("step", self.step))
+
+
+@dataclass(frozen=True)
+class CopyUntil(_Until):
     """A start delay: every update at ``t <= step`` copies the weights
     (momentum 1), and ``schedule``'s clock starts at ``step``: later updates
     use ``schedule(t - step)``. ``CopyUntil(s, 0)`` makes the first update copy.
@@ -214,13 +226,6 @@ class CopyUntil:
     ``begin_iter=b`` with ``step = max(b - 1, 0)``, and the first-update copy
     of mmengine, ``AveragedModel`` and Lightning."""
 
-    schedule: Schedule
-    step: int = 0
-
-    def __post_init__(self) -> None:
-        _check_schedule("schedule", self.schedule)
-        object.__setattr__(self, "step", _check_count("step", self.step))
-
     def __call__(self, t: int) -> float:
         return 1.0 if t <= self.step else self.schedule(t - self.step)
 
@@ -229,18 +234,11 @@ class CopyUntil:
 
 
 @dataclass(frozen=True)
-class HoldUntil:
+class HoldUntil(_Until):
     """Momentum 0 (the EMA keeps its value) at every ``t < step``, then
     ``schedule(t)``. Lightning's ``update_starting_at_step`` keeps the initial
     weights until its first update, which copies:
     ``HoldUntil(CopyUntil(Constant(1 - decay), s), s)``."""
-
-    schedule: Schedule
-    step: int = 0
-
-    def __post_init__(self) -> None:
-        _check_schedule("schedule", self.schedule)
-        object.__setattr__(self, "step", _check_count("step", self.step))
 
     def __call__(self, t: int) -> float:
         return 0.0 if t < self.step else self.schedule(t)
