@@ -31,10 +31,27 @@ def bench_storage_check(benchmark):
 
 def bench_host_step(benchmark):
     # Not synchronised: on a GPU, the host time a step spends on the EMA (schedule, checks, launches);
-    # on a CPU the foreach work is host work too.
+    # on a CPU the foreach work is host work too (bench_host_bare_lerp times it alone).
     opt = EMAOptimizer(_Idle(_tiny_params()), momentum=1e-3)
     benchmark.extra_info.update(job="host step", tensors=HOST_TENSORS)
     benchmark(opt.step)
+
+
+def bench_host_step_with_ema_module(benchmark):
+    # An EMA module kept on the shadows (a target network) adds no work per averaged tensor to a step.
+    model = torch.nn.ParameterList(_tiny_params())
+    opt = EMAOptimizer(_Idle(model.parameters()), momentum=1e-3, model=model)
+    opt.ema_module()
+    benchmark.extra_info.update(job="host step, ema_module", tensors=HOST_TENSORS)
+    benchmark(opt.step)
+
+
+def bench_host_bare_lerp(benchmark):
+    # The same tensors' bare torch._foreach_lerp_: on a CPU, host step minus this is the EMA's own host time.
+    params = [p.detach() for p in _tiny_params()]
+    shadows = [p.clone() for p in params]
+    benchmark.extra_info.update(job="host bare lerp", tensors=HOST_TENSORS)
+    benchmark(torch._foreach_lerp_, shadows, params, 1e-3)
 
 
 PARITY = [p for p in providers() if p.name in ("triton-ema[torch]", "foreach_lerp")]

@@ -320,7 +320,7 @@ ERRORS = [
      "ema_module\\(\\) needs the model: pass model="),
     ("ema_module of an unknown profile", lambda: wrapper(momentum={"a": 0.1}).ema_module("b"), ValueError,
      "no EMA profile named 'b'"),
-    ("EMA module run inside swap_ema", module_in_swap, RuntimeError, "the EMA module was run inside swap_ema\\(\\)"),
+    ("EMA module run inside swap_ema", module_in_swap, RuntimeError, "the EMA module was used inside swap_ema\\(\\)"),
     ("EMA module whose tensors were replaced", moved_module, RuntimeError,
      "weight of Linear no longer is the EMA storage"),
 ]

@@ -123,8 +123,10 @@ def test_inside_swap_ema_it_refuses_to_run(backend):
     target = opt.ema_module()
     x = batches(1, device=DEVICE)[0][0]
     with opt.swap_ema():
-        with pytest.raises(RuntimeError, match="run inside swap_ema"):
+        with pytest.raises(RuntimeError, match="used inside swap_ema"):
             target(x)
+        with pytest.raises(RuntimeError, match="used inside swap_ema"):  # exchanged: it would show the training weights
+            target.state_dict()
         with pytest.raises(RuntimeError, match="ema_module\\(\\) inside swap_ema"):
             opt.ema_module()
     target(x)  # fine again afterwards
@@ -163,12 +165,15 @@ def test_params_added_later_join_it(backend):
     assert_shows_the_ema(target, opt)
 
 
-def test_a_moved_ema_module_is_an_error_not_a_silent_copy(backend):
-    _, opt = wrapper(backend)
+@pytest.mark.parametrize("use", ["forward", "state_dict"])
+def test_a_moved_ema_module_is_an_error_not_a_silent_copy(backend, use):
+    model, opt = wrapper(backend)
     target = opt.ema_module()
     target.fc.weight.data = target.fc.weight.data.clone()
+    train_step(model, opt, batches(1, device=DEVICE)[0])  # a step neither re-aliases it nor updates the copy
+    assert not torch.equal(target.fc.weight, opt.ema_state_dict()["fc.weight"])
     with pytest.raises(RuntimeError, match="no longer is the EMA storage"):
-        target(batches(1, device=DEVICE)[0][0])
+        target(batches(1, device=DEVICE)[0][0]) if use == "forward" else target.state_dict()
 
 
 def test_copies_of_the_optimizer_leave_it_behind(backend):

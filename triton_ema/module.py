@@ -70,76 +70,93 @@ class EMAModuleLink:
                       for (_, source), (_, target) in zip(opt.model.named_modules(), module.named_modules())
                       for kind in ("_parameters", "_buffers")
                       for attr, value in getattr(source, kind).items() if value is not None]
-        self.averaged = self._averaged()
+        self._sort()
         self.generation = opt._store.generation
         self.module = weakref.ref(module)
         self._kept: dict[int, Tensor] = {}
         module.register_forward_pre_hook(self._before_forward)
         module.register_forward_hook(self._after_forward, always_call=True)
+        module.register_state_dict_pre_hook(lambda module, prefix, keep_vars: self.check())
 
     def alive(self) -> nn.Module | None:
         return self.module()
 
-    def _averaged(self) -> list[int | None]:
-        """For every slot, the index of its tensor among the averaged ones (None: not averaged)."""
+    def _sort(self) -> None:
+        """Slots of averaged tensors, with their index among them (``aliased``), and the others (``unaveraged``)."""
         index = {id(t): i for i, t in enumerate(self.opt._objects)}
-        return [index.get(id(getattr(source, kind)[attr])) for _, kind, attr, source in self.slots]
+        found = [(slot, index.get(id(getattr(slot[3], slot[1])[slot[2]]))) for slot in self.slots]
+        self.aliased = [(slot, i) for slot, i in found if i is not None]
+        self.unaveraged = [slot for slot, i in found if i is None]
 
     def follow(self, *, strict: bool) -> None:
-        """Re-alias the averaged tensors if the shadows moved, refresh what follows the model.
-        ``strict``: an averaged tensor that someone else replaced in the module is an error."""
-        opt = self.opt
-        store = opt._store
+        """Refresh what follows the model; re-alias the averaged tensors if the shadows were
+        laid out anew. ``strict`` (before a forward or a state dict) also checks that every
+        averaged tensor still is the EMA storage: one that someone else replaced is an error.
+        Without it (after a step) the averaged tensors are not looked at unless the shadows moved,
+        so a step costs nothing per averaged tensor."""
+        store = self.opt._store
         relaid = store.generation != self.generation
         if relaid:  # params may have joined the optimizer (add_param_group)
-            self.averaged = self._averaged()
+            self._sort()
         with torch.no_grad():
-            for (target, kind, attr, source), i in zip(self.slots, self.averaged):
-                current = getattr(target, kind)[attr]
-                if i is not None:
-                    ema = store.ema(i, self.profile)
-                    if current.data_ptr() == ema.data_ptr() and current.dtype == ema.dtype:
-                        continue
-                    if strict and not relaid:
-                        raise RuntimeError(
-                            f"ema_module(): {attr} of {type(target).__name__} no longer is the EMA storage (was the "
-                            "module moved with .to() or its tensors replaced?); it would not show the EMA any more. "
-                            "Leave the EMA module where it is, and copy it if you need another placement")
-                    _rebind(target, kind, attr, ema)
-                    continue
-                model_tensor = getattr(source, kind)[attr]
-                value = _placed(store, model_tensor, copy=False)
-                fresh = value.data_ptr() != model_tensor.data_ptr()  # converted: a copy already
-                if kind == "_parameters" and not fresh:  # a frozen param in the shadows' placement: aliased
-                    if current.data_ptr() != value.data_ptr():
-                        current.data = value
-                elif _same_place(current, value) and current.data_ptr() != model_tensor.data_ptr():
-                    current.copy_(value)
-                else:
-                    _rebind(target, kind, attr, value if fresh else value.clone())
+            for slot in self.unaveraged:
+                self._refresh(*slot)
+            if relaid or strict:
+                for (target, kind, attr, _), i in self.aliased:
+                    self._alias(target, kind, attr, store.ema(i, self.profile), refuse=not relaid)
         self.generation = store.generation
 
-    def _before_forward(self, module: nn.Module, args: Any) -> None:
+    @staticmethod
+    def _alias(target: nn.Module, kind: str, attr: str, ema: Tensor, *, refuse: bool) -> None:
+        current = getattr(target, kind)[attr]
+        if current.data_ptr() == ema.data_ptr() and current.dtype == ema.dtype:
+            return
+        if refuse:
+            raise RuntimeError(
+                f"ema_module(): {attr} of {type(target).__name__} no longer is the EMA storage (was the "
+                "module moved with .to() or its tensors replaced?); it would not show the EMA any more. "
+                "Leave the EMA module where it is, and copy it if you need another placement")
+        _rebind(target, kind, attr, ema)
+
+    def _refresh(self, target: nn.Module, kind: str, attr: str, source: nn.Module) -> None:
+        """A tensor the optimizer does not average takes the model's value, in the shadows' placement."""
+        current = getattr(target, kind)[attr]
+        model_tensor = getattr(source, kind)[attr]
+        value = _placed(self.opt._store, model_tensor, copy=False)
+        fresh = value.data_ptr() != model_tensor.data_ptr()  # converted: a copy already
+        if kind == "_parameters" and not fresh:  # a frozen param in the shadows' placement: aliased
+            if current.data_ptr() != value.data_ptr():
+                current.data = value
+        elif _same_place(current, value) and current.data_ptr() != model_tensor.data_ptr():
+            current.copy_(value)
+        else:
+            _rebind(target, kind, attr, value if fresh else value.clone())
+
+    def check(self) -> None:
+        """Before the module is read (a forward, a state dict): the EMA as of now, or an error."""
         opt = self.opt
         if opt._store.swapped:
-            raise RuntimeError("the EMA module was run inside swap_ema(): there the model holds the EMA and the "
-                               "shadows may hold the training weights; run it outside the with-block")
+            raise RuntimeError("the EMA module was used inside swap_ema(): there the model holds the EMA and the "
+                               "shadows may hold the training weights; use it outside the with-block")
         with torch.no_grad():
             opt._sync()
         self.follow(strict=True)
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        self.check()
         self._kept = {j: target._buffers[attr].clone()
-                      for j, ((target, kind, attr, _), i) in enumerate(zip(self.slots, self.averaged))
-                      if kind == "_buffers" and i is not None and target.training}
+                      for j, ((target, kind, attr, _), _) in enumerate(self.aliased)
+                      if kind == "_buffers" and target.training}
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         changed = []
         with torch.no_grad():
             for j, kept in self._kept.items():
-                target, _, attr, _ = self.slots[j]
+                (target, _, attr, _), i = self.aliased[j]
                 buf = target._buffers[attr]
                 if not bitwise_equal(buf, kept):
                     buf.copy_(kept)
-                    changed.append(self.opt._store.names[self.averaged[j]])
+                    changed.append(self.opt._store.names[i])
         self._kept = {}
         if changed:
             warnings.warn(f"{', '.join(changed)} changed in a forward of the EMA module in train mode; the EMA of "

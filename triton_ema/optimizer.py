@@ -194,9 +194,12 @@ class EMAOptimizer(torch.optim.Optimizer):
         return [sharding.local(t) for t in self._objects], names + [name for _, _, name in self._buffer_slots]
 
     def _sync(self) -> None:
-        """Follow params added behind the wrapper's back, buffers that ``module.to()``
-        replaced, shards that moved, and storage that moved."""
+        """Follow params added behind the wrapper's back, then :meth:`_follow_storage`."""
         self._adopt_new_params()
+        self._follow_storage()
+
+    def _follow_storage(self) -> None:
+        """Follow buffers that ``module.to()`` replaced, shards that moved, and storage that moved."""
         n = self._num_params
         for j, (module, attr, name) in enumerate(self._buffer_slots):
             buf = module._buffers.get(attr)
@@ -240,7 +243,7 @@ class EMAOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _update_ema(self, momenta: list[float] | Tensor, skip: Tensor | None = None) -> None:
-        self._sync()
+        self._follow_storage()  # new params were adopted (and an update in flight waited for) before the base step
         if self._side is None:
             self._store.update(momenta, self.skip_nonfinite, skip)
         else:
