@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import BACKENDS, DEVICE, assert_ulps
 from models import batches, make_base, make_model, shadows, train_step
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from triton_ema import EMAOptimizer
 from triton_ema.schedules import Constant, Cosine, Power, Warmup
@@ -357,6 +358,25 @@ def test_optimizer_hooks_run_once_on_the_wrapper():
     sd = opt.state_dict()
     opt.load_state_dict(sd)
     assert calls == ["pre", "post", "saved", "loading"] and sd["note"] == 1
+
+
+def test_global_step_hooks_run_once_per_step_and_a_profiler_sees_the_step():
+    model = make_model(device=DEVICE)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = EMAOptimizer(base, momentum=0.5)
+    seen = []
+    handles = [register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(o)),
+               register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(o))]
+    try:
+        train_step(model, opt, batches(1, device=DEVICE)[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == [base, base]  # from the wrapped optimizer's step, not a second time from the wrapper's
+    with torch.profiler.profile() as prof:
+        train_step(model, opt, batches(1, seed=1, device=DEVICE)[0])
+    names = [event.name for event in prof.events()]
+    assert "Optimizer.step#EMAOptimizer.step" in names and "Optimizer.step#SGD.step" in names
 
 
 def test_refused_param_group_leaves_everything_as_it_was():
