@@ -28,7 +28,7 @@ class Checked(NamedTuple):
 def ema_state(opt: EMAOptimizer) -> dict[str, Any]:
     """The "ema" entry of ``opt.state_dict()``."""
     opt._adopt_new_params()
-    n = opt._num_params
+    n = opt._tracking.num_params
     state = {"step": opt.num_steps, "interval": opt.interval, "skipped_updates": opt._store.skipped()}
     if None in opt.schedules:
         state.update(profile_state(opt, 0))
@@ -43,14 +43,14 @@ def ema_state(opt: EMAOptimizer) -> dict[str, Any]:
 
 def profile_state(opt: EMAOptimizer, profile: int) -> dict[str, dict]:
     """One profile's shadows: ``shadow`` keyed like the optimizer's state, ``buffers`` by name."""
-    n = opt._num_params
+    n = opt._tracking.num_params
     # Inside swap_ema() the EMA sits in the model until the block ends: copies, so the dict keeps it.
     copy = opt._store.swapped
     shadow = [sharding.like(opt._store.ema(i, profile).detach().clone() if copy
-                            else opt._store.ema(i, profile).detach(), opt._objects[i])
+                            else opt._store.ema(i, profile).detach(), opt._tracking.objects[i])
               for i in range(len(opt._store))]
     return {"shadow": dict(enumerate(shadow[:n])),
-            "buffers": {name: shadow[n + j] for j, (_, _, name) in enumerate(opt._buffer_slots)}}
+            "buffers": {name: shadow[n + j] for j, (_, _, name) in enumerate(opt._tracking.buffer_slots)}}
 
 
 def check_load(opt: EMAOptimizer, state_dict: dict[str, Any], match_names: bool) -> Checked | None:
@@ -101,9 +101,9 @@ def _check_profile(opt: EMAOptimizer, entry: Any, profile: int, where: str, matc
     """One profile's saved shadows (``shadow`` and ``buffers``), checked, as this rank's values."""
     if not isinstance(entry, dict) or not {"shadow", "buffers"} <= entry.keys():
         raise ValueError(f"{where} must be a dict with 'shadow' and 'buffers'")
-    n = opt._num_params
+    n = opt._tracking.num_params
     saved = [("shadow", entry["shadow"], list(range(n))),
-             ("buffers", entry["buffers"], [name for _, _, name in opt._buffer_slots])]
+             ("buffers", entry["buffers"], [name for _, _, name in opt._tracking.buffer_slots])]
     values = []
     for key, entries, expected in saved:
         if not isinstance(entries, dict):
@@ -118,7 +118,7 @@ def _check_profile(opt: EMAOptimizer, entry: Any, profile: int, where: str, matc
             name = opt._store.names[i]
             if k not in entries:
                 raise ValueError(f"{where}['{key}'] has no shadow for {name} (key {k!r})")
-            value, shadow, target = entries[k], opt._store.shadow_view(i, profile), opt._objects[i]
+            value, shadow, target = entries[k], opt._store.shadow_view(i, profile), opt._tracking.objects[i]
             if not isinstance(value, Tensor):
                 raise TypeError(f"the saved shadow of {name} is a {type(value).__name__}, not a tensor")
             if value.shape != target.shape:
@@ -129,13 +129,13 @@ def _check_profile(opt: EMAOptimizer, entry: Any, profile: int, where: str, matc
                                  f"{shadow.dtype} (shadow_dtype=)")
             values.append(value)
     # Shards last: taking a rank's shard of a full or differently sharded value may communicate.
-    return [sharding.local_value(v, t) for v, t in zip(values, opt._objects)]
+    return [sharding.local_value(v, t) for v, t in zip(values, opt._tracking.objects)]
 
 def _check_names(opt: EMAOptimizer, saved: Any) -> None:
     """The checkpoint's parameter names, where it has them (and ``model=`` gives ours), are ours."""
     if saved is None or opt.model is None:
         return  # saved without model=, or before names were saved: matched by position
-    ours = opt._store.names[:opt._num_params]
+    ours = opt._store.names[:opt._tracking.num_params]
     if not isinstance(saved, (list, tuple)) or not all(isinstance(name, str) for name in saved):
         raise TypeError(f"state_dict['ema']['names'] must be a list of parameter names, got {saved!r:.80}")
     for i, (theirs, mine) in enumerate(zip(saved, ours)):
@@ -159,3 +159,23 @@ class EMACheckpoint:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._opt._refuse_while_swapped("loading the EMA checkpoint")
         self._opt._load_ema(*check_ema(self._opt, state_dict))
+
+
+def model_keyed(opt: EMAOptimizer, name: str | None, what: str):
+    """(key, the model's value, profile ``name``'s EMA of it as stored or None) for ``model.state_dict()``."""
+    profile = opt._profile(name)
+    if opt.model is None:
+        raise RuntimeError(f"{what} needs the model: pass model= to EMAOptimizer")
+    opt._adopt_new_params()
+    index = {id(t): i for i, t in enumerate(opt._tracking.objects)}
+    for key, value in opt.model.state_dict(keep_vars=True).items():
+        i = index.get(id(value))
+        yield key, value, None if i is None else opt._store.ema(i, profile)
+
+
+def snapshot_state(opt: EMAOptimizer, name: str | None) -> tuple[dict[str, Tensor], set[str]]:
+    """Profile ``name``'s EMA keyed like ``model.state_dict()`` in the shadows' dtype (no copy),
+    and the keys that are averaged."""
+    entries = list(model_keyed(opt, name, "a post-hoc snapshot"))
+    out = {key: value.detach() if ema is None else sharding.like(ema.detach(), value) for key, value, ema in entries}
+    return out, {key for key, _, ema in entries if ema is not None}

@@ -72,8 +72,8 @@ def checked_values(opt: EMAOptimizer, state_dict: Mapping[str, Tensor]) -> list[
     unknown = [key for key in state_dict if key not in model_entries]
     if unknown:
         raise ValueError(f"the EMA state dict has entries the model does not: {unknown[:5]}")
-    index = {id(t): i for i, t in enumerate(opt._objects)}
-    values: list[Tensor | None] = [None] * len(opt._objects)
+    index = {id(t): i for i, t in enumerate(opt._tracking.objects)}
+    values: list[Tensor | None] = [None] * len(opt._tracking.objects)
     for name, target in model_entries.items():
         i = index.get(id(target))
         if i is None:
@@ -92,4 +92,4 @@ def checked_values(opt: EMAOptimizer, state_dict: Mapping[str, Tensor]) -> list[
     absent = [opt._store.names[i] for i, v in enumerate(values) if v is None]
     if absent:
         raise ValueError(f"{absent[0]} is averaged but not in model.state_dict(): its EMA cannot be named")
-    return [sharding.local_value(v, t) for v, t in zip(values, opt._objects)]
+    return [sharding.local_value(v, t) for v, t in zip(values, opt._tracking.objects)]

@@ -40,12 +40,12 @@ if TYPE_CHECKING:
 def ema_module(opt: EMAOptimizer, profile: int) -> tuple[nn.Module, EMAModuleLink]:
     """A module with the model's structure on profile ``profile``'s shadows, and what keeps it there."""
     model, store = opt.model, opt._store
-    if any(sharding.is_dtensor(t) for t in opt._objects):
+    if any(sharding.is_dtensor(t) for t in opt._tracking.objects):
         raise NotImplementedError(
             "ema_module() is not available for sharded (DTensor, FSDP2) parameters: a forward needs FSDP's "
             "all-gathers, which belong to the training model; use swap_ema() for forward passes, or "
             "ema_state_dict(full=True) to build a separate model")
-    index = {id(t): i for i, t in enumerate(opt._objects)}
+    index = {id(t): i for i, t in enumerate(opt._tracking.objects)}
     memo: dict[int, Any] = {}
     with torch.no_grad():
         for p in model.parameters():
@@ -83,7 +83,7 @@ class EMAModuleLink:
 
     def _sort(self) -> None:
         """Slots of averaged tensors, with their index among them (``aliased``), and the others (``unaveraged``)."""
-        index = {id(t): i for i, t in enumerate(self.opt._objects)}
+        index = {id(t): i for i, t in enumerate(self.opt._tracking.objects)}
         found = [(slot, index.get(id(getattr(slot[3], slot[1])[slot[2]]))) for slot in self.slots]
         self.aliased = [(slot, i) for slot, i in found if i is not None]
         self.unaveraged = [slot for slot, i in found if i is None]

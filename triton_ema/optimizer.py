@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,15 +16,17 @@ from torch.autograd.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 from . import migrate, sharding
-from .arguments import check_arguments, check_params, find_buffers, param_names
-from .checkpoint import Checked, EMACheckpoint, check_load, ema_state
+from .arguments import check_arguments, param_names
+from .checkpoint import Checked, EMACheckpoint, check_load, ema_state, model_keyed
 from .clock import DeviceClock
+from .eager import call_untraced
 from .hooks import AttachHooks
 from .module import EMAModuleLink, ema_module
 from .overlap import side_stream
 from .schedules import Schedule, momentum_at
 from .store import ShadowStore
 from .swap import SwapContext
+from .tracking import Tracking
 
 __all__ = ["EMAOptimizer", "attach"]
 
@@ -70,8 +70,8 @@ class EMAOptimizer(torch.optim.Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self._init_hooks()
 
-        self._buffer_slots = find_buffers(model) if update_buffers else []
-        tensors, names = self._tracked()
+        self._tracking = Tracking(model, update_buffers)
+        tensors, names = self._tracking.track(self.param_groups)
         self._store = ShadowStore(tensors, names, shadow_dtype=shadow_dtype, device=device, backend=backend,
                                   profiles=len(schedules))
         self._step = 0
@@ -175,25 +175,8 @@ class EMAOptimizer(torch.optim.Optimizer):
 
     # --- what is averaged -------------------------------------------------
 
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     def _param_names(self) -> list[str]:
         return param_names(self.param_groups, self.model)
-
-    def _tracked(self) -> tuple[list[Tensor], list[str]]:
-        """The averaged tensors as the buckets see them (local shards of DTensors), and their names.
-
-        Also sets ``_objects``: the same tensors as the user sees them (params, then buffers)."""
-        params, names = self._params(), self._param_names()
-        check_params(params, names)
-        buffers = [module._buffers[attr] for module, attr, _ in self._buffer_slots]
-        self._objects = params + buffers
-        self._num_params = len(params)
-        # Tensors whose object may be replaced under us: buffers (module.to()) and DTensor shards.
-        self._followed = [i for i, t in enumerate(params) if sharding.is_dtensor(t)]
-        self._followed += range(len(params), len(self._objects))
-        return [sharding.local(t) for t in self._objects], names + [name for _, _, name in self._buffer_slots]
 
     def _sync(self) -> None:
         """Follow params added behind the wrapper's back, then :meth:`_follow_storage`."""
@@ -202,17 +185,7 @@ class EMAOptimizer(torch.optim.Optimizer):
 
     def _follow_storage(self) -> None:
         """Follow buffers that ``module.to()`` replaced, shards that moved, and storage that moved."""
-        n = self._num_params
-        for j, (module, attr, name) in enumerate(self._buffer_slots):
-            buf = module._buffers.get(attr)
-            if buf is None:
-                raise RuntimeError(f"buffer {name} was removed from the model; its EMA cannot follow")
-            self._objects[n + j] = buf
-        for i in self._followed:
-            current = sharding.local(self._objects[i])
-            if current is not self._store.tensors[i]:
-                self._store.replace(i, current)
-        self._store.refresh()
+        self._tracking.follow(self._store)
 
     # --- optimizer interface ----------------------------------------------
 
@@ -254,7 +227,7 @@ class EMAOptimizer(torch.optim.Optimizer):
     def _after_step(self, update: tuple[list[float] | Tensor, Tensor | None] | None) -> None:
         """After a completed base step: the update, and the step count."""
         if update is not None:
-            _update_untraced(self, *update)
+            call_untraced(type(self)._update_ema, self, *update)
         self._step += 1
         if self._clock is not None:
             self._clock.advance()
@@ -284,7 +257,7 @@ class EMAOptimizer(torch.optim.Optimizer):
             self._track_params()
         except BaseException:  # refused: the optimizer and the EMA stay as they were
             self.param_groups.pop()
-            self._tracked()
+            self._tracking.track(self.param_groups)
             raise
 
     def _adopt_new_params(self) -> None:
@@ -292,13 +265,13 @@ class EMAOptimizer(torch.optim.Optimizer):
         are noticed at the next step, swap or checkpoint: their shadows start as
         copies of their current values (removed ones are dropped)."""
         self._wait_update()  # every way to the params and shadows passes here first
-        if sum(len(group["params"]) for group in self.param_groups) != self._num_params:
+        if self._tracking.params_changed(self.param_groups):
             self._refuse_while_swapped("adding parameters to the wrapped optimizer")
             self._track_params()
 
     def _track_params(self) -> None:
         """Lay out shadows for the optimizer's params as they are now, keeping the EMA of those already tracked."""
-        tensors, names = self._tracked()
+        tensors, names = self._tracking.track(self.param_groups)
         kept = {id(t): self._store.shadow_views(i) for i, t in enumerate(self._store.tensors)}
         with torch.no_grad():
             self._store.rebuild(tensors, names, [kept.get(id(t)) for t in tensors])
@@ -351,15 +324,6 @@ class EMAOptimizer(torch.optim.Optimizer):
             module, self._module_links[profile] = ema_module(self, profile)
         return module
 
-    def _current_tensors(self) -> list[Tensor]:
-        """The averaged tensors as the model holds them now (buffers that ``module.to()`` replaced)."""
-        n = self._num_params
-        for j, (module, attr, _) in enumerate(self._buffer_slots):
-            buf = module._buffers.get(attr)
-            if buf is not None:
-                self._objects[n + j] = buf
-        return [sharding.local(t) for t in self._objects]
-
     def ema_state_dict(self, name: str | None = None, *, full: bool = False) -> dict[str, Tensor]:
         """``model.state_dict()`` with EMA values (of profile ``name``, needed with
         several) for every averaged tensor, in the model's dtypes; entries not
@@ -370,29 +334,11 @@ class EMAOptimizer(torch.optim.Optimizer):
         takes them; ``full=True`` gathers them into whole tensors for export
         (a collective: every rank must call it)."""
         out = {}
-        for key, value, ema in self._model_keyed(name, "ema_state_dict()"):
+        for key, value, ema in model_keyed(self, name, "ema_state_dict()"):
             local = sharding.local(value) if ema is None else ema
             copy = sharding.like(local.detach().to(value.dtype, copy=True), value)
             out[key] = sharding.full(copy) if full else copy
         return out
-
-    def _snapshot_state(self, name: str | None) -> tuple[dict[str, Tensor], set[str]]:
-        """Profile ``name``'s EMA keyed like ``model.state_dict()`` in the shadows' dtype (no copy),
-        and the keys that are averaged."""
-        entries = list(self._model_keyed(name, "a post-hoc snapshot"))
-        out = {key: value.detach() if ema is None else sharding.like(ema.detach(), value) for key, value, ema in entries}
-        return out, {key for key, _, ema in entries if ema is not None}
-
-    def _model_keyed(self, name: str | None, what: str):
-        """(key, the model's value, profile ``name``'s EMA of it as stored or None) for ``model.state_dict()``."""
-        profile = self._profile(name)
-        if self.model is None:
-            raise RuntimeError(f"{what} needs the model: pass model= to EMAOptimizer")
-        self._adopt_new_params()
-        index = {id(t): i for i, t in enumerate(self._objects)}
-        for key, value in self.model.state_dict(keep_vars=True).items():
-            i = index.get(id(value))
-            yield key, value, None if i is None else self._store.ema(i, profile)
 
     # --- checkpoints -----------------------------------------------------------
 
@@ -490,22 +436,3 @@ def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | None =
     ema = EMAOptimizer(optimizer, momentum, **kwargs)
     ema._hooks = AttachHooks(ema).register(optimizer)
     return ema
-
-
-@functools.cache
-def _disabled_update(cls: type[EMAOptimizer]) -> Callable[..., None]:
-    return torch.compiler.disable(cls._update_ema)
-
-
-def _update_untraced(opt: EMAOptimizer, *update: Any) -> None:
-    """``opt._update_ema(*update)``, never traced by torch.compile: the kernels reach
-    params through address tables that tracing cannot see. Under
-    ``torch.compile(opt.step)`` the base step compiles and the EMA runs as written.
-    Once dynamo is loaded it also takes over calls made from frames it runs
-    uncompiled, so from then on the update always goes through ``compiler.disable``."""
-    if torch.compiler.is_compiling():
-        torch.compiler.disable(type(opt)._update_ema)(opt, *update)
-    elif "torch._dynamo" in sys.modules:
-        _disabled_update(type(opt))(opt, *update)
-    else:
-        opt._update_ema(*update)

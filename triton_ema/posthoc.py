@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import sharding
+from .checkpoint import snapshot_state
 from .schedules import PowerFunction
 
 __all__ = ["save_snapshot", "synthesize", "solve_weights"]
@@ -58,7 +59,7 @@ def save_snapshot(opt, folder: str | os.PathLike, dtype: torch.dtype | None = No
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     entries, states = [], []
     for name, schedule in profiles.items():
-        state, averaged = opt._snapshot_state(name)
+        state, averaged = snapshot_state(opt, name)
         states.append({k: _on_disk(v, dtype if k in averaged else None) for k, v in state.items()})
         entries.append({"name": name, "gamma": schedule.gamma, "averaged": sorted(averaged)})
     header = {"format": FORMAT, "run": opt.run_id, "time": opt.num_steps, "profiles": entries}

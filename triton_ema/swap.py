@@ -51,7 +51,7 @@ class SwapContext:
             sharding.reshard(opt.model)  # FSDP2: a gathered copy of the training weights would hide the swap
             opt._sync()
             self._kept = {i: opt._store.shadow_view(i, self._profile).clone()
-                          for i in range(opt._num_params, len(opt._store))}
+                          for i in range(opt._tracking.num_params, len(opt._store))}
             opt._store.swap_in(self._profile)
         return opt
 
@@ -59,7 +59,7 @@ class SwapContext:
         opt = self._opt
         with torch.no_grad():
             sharding.reshard(opt.model)  # FSDP2: a forward in the block left the EMA gathered
-            moved = opt._store.swap_out(opt._current_tensors())
+            moved = opt._store.swap_out(opt._tracking.current())
             changed = self._restore_buffers()
             if moved:
                 _put_back(opt, moved)
@@ -102,14 +102,14 @@ def _put_back(opt: EMAOptimizer, moved: dict[int, Tensor]) -> None:
     swap began) go into the model: into the tensor's new storage, or, where its
     shape changed, the old storage is put back in the model. The next step or
     swap lays the shadows out for the new layout."""
-    n = opt._num_params
+    n = opt._tracking.num_params
     for i, old in moved.items():
-        current = sharding.local(opt._objects[i])
+        current = sharding.local(opt._tracking.objects[i])
         if current.shape == old.shape:
             current.detach().copy_(old)
         elif i < n:
-            opt._objects[i].data = old
+            opt._tracking.objects[i].data = old
         else:
-            module, attr, _ = opt._buffer_slots[i - n]
-            module._buffers[attr] = opt._objects[i] = old
+            module, attr, _ = opt._tracking.buffer_slots[i - n]
+            module._buffers[attr] = opt._tracking.objects[i] = old
             opt._store.replace(i, old)

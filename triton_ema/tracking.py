@@ -1,0 +1,70 @@
+"""What an EMA averages: the wrapped optimizer's params, then the model's floating
+buffers when asked, followed when the user's side replaces them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from . import sharding
+from .arguments import check_params, find_buffers, param_names
+
+if TYPE_CHECKING:
+    from .store import ShadowStore
+
+
+class Tracking:
+    """The averaged tensors as the user holds them (``objects``: params, then buffers)
+    and as the buckets see them (local shards of DTensors); index ``i`` is the store's."""
+
+    def __init__(self, model: nn.Module | None, update_buffers: bool) -> None:
+        self.model = model
+        self.buffer_slots = find_buffers(model) if update_buffers else []  # (module, attribute, name)
+        self.objects: list[Tensor] = []
+        self.num_params = 0
+        self.followed: list[int] = []  # tensors whose object may be replaced under us: buffers, DTensor shards
+
+    def track(self, param_groups: list[dict]) -> tuple[list[Tensor], list[str]]:
+        """Take the optimizer's params as they are now: the tensors the buckets average, and their names."""
+        params = [p for group in param_groups for p in group["params"]]
+        names = param_names(param_groups, self.model)
+        check_params(params, names)
+        self.objects = params + [module._buffers[attr] for module, attr, _ in self.buffer_slots]
+        self.num_params = len(params)
+        self.followed = [i for i, t in enumerate(params) if sharding.is_dtensor(t)]
+        self.followed += range(len(params), len(self.objects))
+        return [sharding.local(t) for t in self.objects], names + self.buffer_names
+
+    @property
+    def buffer_names(self) -> list[str]:
+        return [name for _, _, name in self.buffer_slots]
+
+    def params_changed(self, param_groups: list[dict]) -> bool:
+        """Params were added to (or removed from) the optimizer since :meth:`track`."""
+        return sum(len(group["params"]) for group in param_groups) != self.num_params
+
+    def _take_buffers(self, *, strict: bool) -> None:
+        """Buffers as the model holds them now (``module.to()`` replaces them)."""
+        n = self.num_params
+        for j, (module, attr, name) in enumerate(self.buffer_slots):
+            buf = module._buffers.get(attr)
+            if buf is not None:
+                self.objects[n + j] = buf
+            elif strict:
+                raise RuntimeError(f"buffer {name} was removed from the model; its EMA cannot follow")
+
+    def follow(self, store: ShadowStore) -> None:
+        """Give ``store`` the buffers that ``module.to()`` replaced and the shards that moved,
+        then let it notice storage that moved."""
+        self._take_buffers(strict=True)
+        for i in self.followed:
+            current = sharding.local(self.objects[i])
+            if current is not store.tensors[i]:
+                store.replace(i, current)
+        store.refresh()
+
+    def current(self) -> list[Tensor]:
+        """The averaged tensors as the model holds them now, as the buckets see them."""
+        self._take_buffers(strict=False)
+        return [sharding.local(t) for t in self.objects]
