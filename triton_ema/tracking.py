@@ -23,7 +23,7 @@ class Tracking:
         self.buffer_slots = find_buffers(model) if update_buffers else []  # (module, attribute, name)
         self.objects: list[Tensor] = []
         self.num_params = 0
-        self.followed: list[int] = []  # tensors whose object may be replaced under us: buffers, DTensor shards
+        self.shards: list[int] = []  # DTensor params: FSDP2 may put another local shard object in place
 
     def track(self, param_groups: list[dict]) -> tuple[list[Tensor], list[str]]:
         """Take the optimizer's params as they are now: the tensors the buckets average, and their names."""
@@ -32,8 +32,7 @@ class Tracking:
         check_params(params, names)
         self.objects = params + [module._buffers[attr] for module, attr, _ in self.buffer_slots]
         self.num_params = len(params)
-        self.followed = [i for i, t in enumerate(params) if sharding.is_dtensor(t)]
-        self.followed += range(len(params), len(self.objects))
+        self.shards = [i for i, t in enumerate(params) if sharding.is_dtensor(t)]
         return [sharding.local(t) for t in self.objects], names + self.buffer_names
 
     @property
@@ -58,10 +57,13 @@ class Tracking:
         """Give ``store`` the buffers that ``module.to()`` replaced and the shards that moved,
         then let it notice storage that moved."""
         self._take_buffers(strict=True)
-        for i in self.followed:
-            current = sharding.local(self.objects[i])
-            if current is not store.tensors[i]:
-                store.replace(i, current)
+        objects, tracked = self.objects, store.tensors
+        for i in self.shards:
+            if objects[i]._local_tensor is not tracked[i]:
+                store.replace(i, objects[i]._local_tensor)
+        for i in range(self.num_params, len(objects)):
+            if objects[i] is not tracked[i]:
+                store.replace(i, sharding.local(objects[i]))
         store.refresh()
 
     def current(self) -> list[Tensor]:
