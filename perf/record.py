@@ -6,7 +6,7 @@ on a GPU, the kernel sweep; writes their output to
 ready to commit. ``--parts`` runs some of them (one call each on a machine
 that limits how long a command may run); ``--jobs`` some of the bench's jobs
 (with ``--out`` a folder of their own, so as not to overwrite a full run);
-``--tiny --parts bench sweep`` checks the machinery in a minute.
+``--tiny --parts bench sweep`` checks the machinery in under half a minute.
 """
 
 import argparse

@@ -36,7 +36,7 @@ def main(argv=None):
         args.blocks, args.warps, args.workloads = [256, 512], [4], ["tiny-many"]
     elif device.type != "cuda":
         p.error("the sweep measures GPU kernels: run it on a GPU (or --tiny to check it)")
-    measure, reps = timer(device), 3 if args.tiny else 100
+    measure, reps = timer(device, warm=not args.tiny), 1 if args.tiny else 100  # tiny: no warm-up, one call
     env = environment(device)
     copy_fn, copy_bytes = copy_job(2**16 if args.tiny else 2**28, device)
     env["copy_gbps"] = copy_bytes / median(measure(copy_fn, reps)) / 1e9

@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        main(["--tiny", "--out", str(out), "--quiet", "--reps", "2"])
+        main(["--tiny", "--out", str(out), "--quiet"])
     return out, json.loads((out / "bench.json").read_text()), printed.getvalue()
 
 

@@ -8,6 +8,8 @@ Prints a table and how the Triton backend stands against its targets, writes
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import sys
@@ -15,7 +17,18 @@ from pathlib import Path
 
 import torch
 
-from .measure import PROFILE_JOBS, WORKLOADS, environment, host_time, interleaved, job_bytes, median, peak_extra_bytes, timer
+from .measure import (
+    PROFILE_JOBS,
+    WORKLOADS,
+    environment,
+    frozen_heap,
+    host_time,
+    interleaved,
+    job_bytes,
+    median,
+    peak_extra_bytes,
+    timer,
+)
 from .providers import DTYPES, copy_job, make_job, providers
 from .targets import check, report
 from .train import default_config, train_rows
@@ -47,7 +60,8 @@ def parse_args(argv):
     if args.workloads is None:
         args.workloads = ["tiny-many", "tiny-gpt2"] if args.tiny else [
             w for w in ("2000x4096", "gpt2-small", "1b") if args.device.type == "cuda" or not WORKLOADS[w].gpu_only]
-    args.reps = args.reps or (3 if args.tiny else 5 if args.device.type == "cpu" else 100)
+    args.reps = args.reps or (1 if args.tiny else 5 if args.device.type == "cpu" else 100)
+    args.warm = not args.tiny  # a warm-up call before the timed ones; a tiny run's times mean nothing
     return args
 
 
@@ -65,7 +79,7 @@ def run_rows(tasks, args, measure):
     if not timed_in_turn(tasks[0][1], args.device):
         return [run_row(*task, args, measure) for task in tasks]
     fns = [make_job(p, job, w, d, args.device) for p, job, w, d in tasks]
-    times = interleaved(fns, args.reps if args.tiny else 3 * args.reps, measure)
+    times = interleaved(fns, args.reps if args.tiny else 3 * args.reps, measure, args.warm)
     return [run_row(*task, args, measure, made=(fn, ts)) for task, fn, ts in zip(tasks, fns, times)]
 
 
@@ -74,7 +88,7 @@ def run_row(provider, job, workload, dtype_name, args, measure, made=None):
     param_dtype, shadow_dtype = DTYPES[dtype_name]
     if made is None:
         fn = make_job(provider, job, workload, dtype_name, args.device)
-        seconds = median(host_time(fn, args.reps, args.device) if job == "host" else measure(fn, args.reps))
+        seconds = median(host_time(fn, args.reps, args.device, args.warm) if job == "host" else measure(fn, args.reps))
     else:
         fn, seconds = made[0], median(made[1])
     peak = peak_extra_bytes(fn, args.device)
@@ -163,7 +177,7 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    measure = timer(args.device)
+    measure = timer(args.device, args.warm)
     env = environment(args.device)
     copy_fn, copy_bytes = copy_job(2**16 if args.tiny else 2**26 if args.device.type == "cpu" else 2**28, args.device)
     env["copy_gbps"] = copy_bytes / median(measure(copy_fn, args.reps)) / 1e9
@@ -177,13 +191,16 @@ def main(argv=None) -> dict:
             for d in [d for d in JOB_DTYPES.get(job, args.dtypes) if d in args.dtypes]:
                 batch = [(p, job, WORKLOADS[w], d) for p in available if job in p.jobs]
                 batches += [batch] if timed_in_turn(job, args.device) else [[task] for task in batch]
-    rows = [row for batch in tqdm([b for b in batches if b], desc="bench", unit="row", disable=args.quiet)
-            for row in run_rows(batch, args, measure)]
-    if "train" in args.jobs:
-        found, absent = train_rows(default_config(args.device, args.tiny), args.device, args.reps, measure, interleaved,
-                                   median)
-        rows += found
-        env["absent"].update(absent)
+    # A tiny row takes milliseconds: there the full garbage collection before each row's memory
+    # measurement would take most of the run, so it skips what was alive before the rows.
+    with frozen_heap() if args.tiny else contextlib.nullcontext():
+        rows = [row for batch in tqdm([b for b in batches if b], desc="bench", unit="row", disable=args.quiet)
+                for row in run_rows(batch, args, measure)]
+        if "train" in args.jobs:
+            found, absent = train_rows(default_config(args.device, args.tiny), args.device, args.reps, measure,
+                                       functools.partial(interleaved, warm=args.warm), median)
+            rows += found
+            env["absent"].update(absent)
     add_ratios(rows, env["copy_gbps"])
 
     result = {"environment": env, "rows": rows, "targets": check(rows)}

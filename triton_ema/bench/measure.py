@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import datetime
@@ -46,9 +47,10 @@ WORKLOADS = {
     "1b": Workload("1b", ((4096, 813),) * 300, gpu_only=True),  # 999M in 300 tensors
     "1000x4096": Workload("1000x4096", ((4096,),) * 1000),
     "150x300000": Workload("150x300000", ((300000,),) * 150),
-    # Tiny stand-ins, for smoke tests of the machinery itself.
-    "tiny-many": Workload("tiny-many", ((64,),) * 40),
-    "tiny-gpt2": Workload("tiny-gpt2", gpt2_small_shapes(d=16, layers=2, vocab=100, ctx=32)),
+    # Tiny stand-ins, for smoke tests of the machinery itself (few tensors: on a CPU, Triton's
+    # interpreter runs a kernel's programs one by one, one or more per tensor).
+    "tiny-many": Workload("tiny-many", ((64,),) * 16),
+    "tiny-gpt2": Workload("tiny-gpt2", gpt2_small_shapes(d=16, layers=1, vocab=100, ctx=32)),
 }
 
 # The K-profile update: K EMAs of the same params in one update, by job name.
@@ -66,15 +68,15 @@ def job_bytes(job: str, ep: int, es: int) -> int | None:
     return None  # a whole optimizer step: time only
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], object], int], list[float]]:
-    """Seconds per call, for ``reps`` calls after a warm-up call."""
-    def cuda_time(fn, reps, warm=True):
+def timer(device: torch.device, warm: bool = True) -> Callable[[Callable[[], object], int], list[float]]:
+    """Seconds per call, for ``reps`` calls after a warm-up call (by default, ``warm``)."""
+    def cuda_time(fn, reps, warm=warm):
         import triton.testing
 
         ms = triton.testing.do_bench(fn, warmup=25 if warm else 1, rep=max(100, reps * 10), return_mode="all")
         return [m / 1e3 for m in ms]
 
-    def cpu_time(fn, reps, warm=True):
+    def cpu_time(fn, reps, warm=warm):
         if warm:
             fn()
         out = []
@@ -90,11 +92,12 @@ def timer(device: torch.device) -> Callable[[Callable[[], object], int], list[fl
     return cpu_time
 
 
-def host_time(fn: Callable[[], object], reps: int, device: torch.device) -> list[float]:
-    """Seconds the host spends in each call, the device idle before it and not waited for
-    (on a CPU the work itself is host time)."""
+def host_time(fn: Callable[[], object], reps: int, device: torch.device, warm: bool = True) -> list[float]:
+    """Seconds the host spends in each call (after a warm-up call, ``warm``), the device idle
+    before it and not waited for (on a CPU the work itself is host time)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
+    if warm:
+        fn()
     out = []
     for _ in range(reps):
         sync()
@@ -105,16 +108,30 @@ def host_time(fn: Callable[[], object], reps: int, device: torch.device) -> list
     return out
 
 
-def interleaved(fns: list[Callable[[], object]], reps: int, measure) -> list[list[float]]:
-    """Seconds per call of each of ``fns``, timed in turn, one call each per round: a
-    machine whose speed drifts (other processes, clocks) slows them all alike."""
+def interleaved(fns: list[Callable[[], object]], reps: int, measure, warm: bool = True) -> list[list[float]]:
+    """Seconds per call of each of ``fns``, timed in turn, one call each per round (after a
+    warm-up call each, ``warm``): a machine whose speed drifts (other processes, clocks) slows
+    them all alike."""
     out = [[] for _ in fns]
-    for fn in fns:
-        fn()
+    if warm:
+        for fn in fns:
+            fn()
     for _ in range(reps):
         for fn, times in zip(fns, out):
             times += measure(fn, 1, warm=False)
     return out
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Leaves what is alive on entry (torch's and the peers' objects) out of garbage collection
+    until exit: a collection then scans only what was made since (a full one takes 0.1-0.3 s)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def median(xs: list[float]) -> float:
