@@ -82,7 +82,8 @@ def test_perf_suites_run(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     benchmarks = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
     jobs = {b["extra_info"]["job"] for b in benchmarks}
-    assert jobs == {"update", "update-k2", "update-k4", "swap", "step", "storage check", "host step", "parity", "train"}
+    assert jobs == {"update", "update-k2", "update-k4", "swap", "step", "storage check", "host step", "host step, ema_module",
+                    "host bare lerp", "parity", "train"}
     assert all(b["extra_info"]["gbps"] > 0 for b in benchmarks if b["extra_info"]["job"] in ("update", "swap", *PROFILE_JOBS))
 
 
