@@ -1,6 +1,7 @@
 """Smoke tests: the bench command and the perf suites run and write well-formed output."""
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -88,10 +89,14 @@ def test_perf_suites_run(tmp_path):
 
 
 def test_record_writes_bench_and_sweep(tmp_path):
-    # One job of the bench (the command's every job runs in test_bench_command_writes_table_json_and_plot).
-    cmd = [sys.executable, "perf/record.py", "--tiny", "--parts", "bench", "sweep", "--jobs", "update-k2", "--out", str(tmp_path)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # record.py's main in this process (it runs the bench and the sweep as commands of their own); one job
+    # of the bench (the command's every job runs in test_bench_command_writes_table_json_and_plot).
+    spec = importlib.util.spec_from_file_location("record", ROOT / "perf" / "record.py")
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        failed = record.main(["--tiny", "--parts", "bench", "sweep", "--jobs", "update-k2", "--out", str(tmp_path)])
+    assert not failed, printed.getvalue()[-3000:]
     assert {r["job"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]} == {"update-k2"}
     assert "device copy:" in (tmp_path / "bench.txt").read_text()
     assert (tmp_path / "bench.png").exists() and not (tmp_path / "tests.txt").exists()
