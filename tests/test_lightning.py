@@ -2,6 +2,8 @@
 reference, validation and testing on EMA weights, ckpt_path= resume, DDP and FSDP2
 (ModelParallelStrategy, distributed checkpoints) on 2 processes."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,16 +94,36 @@ def test_ckpt_path_resume_ends_bitwise_where_the_uninterrupted_run_ends(fitted):
     assert bitwise_equal(ema.ema.ema_state_dict(), fitted["final"]["ema"])
 
 
-def run_two_ranks(script, out):
-    """``script`` under Lightning's own launcher (it starts the second rank); what each rank saved, and stderr."""
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), str(out)], capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)], run.stderr
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """The 2-process scripts under Lightning's own launcher, started together: script name -> (folder, process).
+
+    The launcher starts the second rank when the first reaches fit, so a script's ranks import Lightning
+    one after the other, on one core; two scripts at once keep both cores busy."""
+    runs = {}
+    for script in ("lightning_ddp.py", "lightning_fsdp2.py"):
+        out = tmp_path_factory.mktemp(script.removesuffix(".py"))
+        with (out / "stdout.txt").open("w") as stdout, (out / "stderr.txt").open("w") as stderr:
+            runs[script] = out, subprocess.Popen([sys.executable, str(Path(__file__).with_name(script)), str(out)],
+                                                 stdout=stdout, stderr=stderr, start_new_session=True)
+    yield runs
+    for _, process in runs.values():
+        if process.poll() is None:  # a test stopped before its script ended: end the script and its second rank
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
-def test_ddp_on_two_cpu_processes_keeps_identical_emas(tmp_path):
-    ranks, _ = run_two_ranks("lightning_ddp.py", tmp_path)
+def run_two_ranks(runs, script):
+    """What each rank of ``script`` saved, and the script's stderr."""
+    out, process = runs[script]
+    returncode = process.wait(timeout=600)
+    stdout, stderr = (out / "stdout.txt").read_text(), (out / "stderr.txt").read_text()
+    assert returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)], stderr
+
+
+def test_ddp_on_two_cpu_processes_keeps_identical_emas(two_rank_runs):
+    ranks, _ = run_two_ranks(two_rank_runs, "lightning_ddp.py")
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     for key in ("ema", "model"):
         assert all(torch.equal(ranks[0][key][k], ranks[1][key][k]) for k in ranks[0][key])
@@ -111,8 +133,8 @@ def test_ddp_on_two_cpu_processes_keeps_identical_emas(tmp_path):
         assert all(torch.equal(rank["model"][k], v) for k, v in rank["ema"].items())  # ema_at_end=True
 
 
-def test_fsdp2_model_parallel_strategy_on_two_cpu_processes(tmp_path):
-    ranks, stderr = run_two_ranks("lightning_fsdp2.py", tmp_path)
+def test_fsdp2_model_parallel_strategy_on_two_cpu_processes(two_rank_runs):
+    ranks, stderr = run_two_ranks(two_rank_runs, "lightning_fsdp2.py")
     assert "has no 'ema' entry" not in stderr  # the resume found the EMA (no restart from the weights)
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["ema"], ranks[1]["ema"]))
     val = list(cases.loader(16, seed=1))
