@@ -89,14 +89,28 @@ def test_perf_suites_run(tmp_path):
     assert all(b["extra_info"]["gbps"] > 0 for b in benchmarks if b["extra_info"]["job"] in ("update", "swap", *PROFILE_JOBS))
 
 
+def _perf_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "perf" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_host_time_prints_the_ema_part_for_every_tensor_count():
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        _perf_script("host_time").main(["--tensors", "1", "3", "--batches", "1"])
+    lines = printed.getvalue().splitlines()
+    assert lines[0].startswith("torch ") and len(lines) == 3
+    for n, line in zip((1, 3), lines[1:]):
+        assert line.split()[:4] == [str(n), "tensors:", "EMA", "part"] and "storage check" in line
+
+
 def test_record_writes_bench_and_sweep(tmp_path):
     # record.py's main in this process (it runs the bench and the sweep as commands of their own); one job
     # of the bench (the command's every job runs in test_bench_command_writes_table_json_and_plot).
-    spec = importlib.util.spec_from_file_location("record", ROOT / "perf" / "record.py")
-    record = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(record)
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        failed = record.main(["--tiny", "--parts", "bench", "sweep", "--jobs", "update-k2", "--out", str(tmp_path)])
+        failed = _perf_script("record").main(["--tiny", "--parts", "bench", "sweep", "--jobs", "update-k2",
+                                              "--out", str(tmp_path)])
     assert not failed, printed.getvalue()[-3000:]
     assert {r["job"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]} == {"update-k2"}
     assert "device copy:" in (tmp_path / "bench.txt").read_text()
