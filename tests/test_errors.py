@@ -240,6 +240,8 @@ ERRORS = [
      "several profiles \\['a', 'b'\\]: name the one you want"),
     ("unknown profile", lambda: wrapper(momentum={"a": 0.1}).swap_ema("b"), ValueError,
      "no EMA profile named 'b'; the profiles are \\['a'\\]"),
+    ("profile name for one unnamed profile", lambda: wrapper(momentum=0.1).swap_ema("b"), ValueError,
+     "no EMA profile named 'b': this EMA has one unnamed profile \\(call without a name\\)"),
     ("checkpoint of other profiles", lambda: wrapper(momentum={"a": 0.1}).load_state_dict(
         wrapper(momentum={"b": 0.1}).state_dict()), ValueError,
      "\\['profiles'\\] holds \\['b'\\]; this EMA has profiles \\['a'\\]"),
@@ -322,7 +324,7 @@ ERRORS = [
      "no EMA profile named 'b'"),
     ("EMA module run inside swap_ema", module_in_swap, RuntimeError, "the EMA module was used inside swap_ema\\(\\)"),
     ("EMA module whose tensors were replaced", moved_module, RuntimeError,
-     "weight of Linear no longer is the EMA storage"),
+     "fc.weight \\(weight of Linear\\) no longer is the EMA storage"),
 ]
 if "triton" in BACKENDS:
     ERRORS.append(("non-dense param on triton", non_dense_on_triton, ValueError,

@@ -216,7 +216,8 @@ def test_param_group_added_to_the_base_optimizer_is_adopted(where, backend):
     (0.9999, None, "momentum=0.9999 is the weight of the new parameters; if you meant a decay .* pass decay=0.9999"),
     (None, 1e-4, "decay=0.0001 is momentum 0.9999; if you meant a momentum of 0.0001, pass momentum=0.0001"),
     (Constant(0.9), None, "momentum=0.9 is the weight of the new parameters"),
-    (1.0, None, "momentum=1 is the weight"),
+    (1.0, None, "momentum=1 is the weight of the new parameters: every update copies them"),
+    ({"fast": 0.9, "slow": 0.01}, None, "pass decay=0.9 .* copies the weights \\(profile 'fast'\\)$"),
 ])
 def test_decay_passed_as_momentum_warns(momentum, decay, hint):
     model = make_model(device=DEVICE)

@@ -96,8 +96,12 @@ def test_profile_names_are_checked_on_load(backend):
     with pytest.raises(ValueError, match="holds \\['a', 'b'\\]; this EMA has profiles \\['a', 'c'\\]"):
         other.load_state_dict(saved.state_dict())
     _, single = wrapper(backend, momentum=0.1)
-    with pytest.raises(ValueError, match="lacks \\['buffers', 'shadow'\\] \\(it was saved with several profiles\\)"):
+    with pytest.raises(ValueError, match="lacks \\['buffers', 'shadow'\\] \\(it was saved with profiles \\['a', 'b'\\]; "
+                                         "this EMA has one unnamed profile\\)"):
         single.load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match="lacks \\['profiles'\\] \\(it was saved with one unnamed profile; "
+                                         "this EMA has profiles \\['a', 'c'\\]\\)"):
+        other.load_state_dict(single.state_dict())
 
 
 def test_decay_dict_is_one_minus_momentum(backend):

@@ -25,8 +25,8 @@ def check_arguments(optimizer: Any, momentum: Any, decay: Any, interval: Any, mo
     if attached_ema(optimizer) is not None:
         raise ValueError(f"{type(optimizer).__name__} already has an EMA attached; use that one, or detach() it first")
     schedules = profile_schedules(momentum, decay)
-    for schedule in schedules.values():
-        warn_if_decay_like(schedule, decay is not None)
+    for profile, schedule in schedules.items():
+        warn_if_decay_like(schedule, decay is not None, profile)
     if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
         raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
     if model is not None and not isinstance(model, nn.Module):
@@ -78,18 +78,24 @@ def find_buffers(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     return slots
 
 
-def warn_if_decay_like(schedule: Schedule, given_as_decay: bool) -> None:
+def warn_if_decay_like(schedule: Schedule, given_as_decay: bool, profile: str | None = None) -> None:
     """A constant momentum above 0.5 is nearly always a decay passed as momentum (mmengine warns too)."""
     if not isinstance(schedule, Constant) or schedule.momentum <= 0.5:
         return
     m = schedule.momentum
+    which = "" if profile is None else f" (profile {profile!r})"
     if given_as_decay:
         hint = f"decay={1 - m:g} is momentum {m:g}; if you meant a momentum of {1 - m:g}, pass momentum={1 - m:g}"
+    elif m == 1:
+        hint = ("momentum=1 is the weight of the new parameters: every update copies them, so the EMA is the "
+                "weights themselves (a decay of 1, an EMA that never moves, is not an EMA)")
+        warnings.warn(hint + which, UserWarning, stacklevel=4)
+        return
     else:
         hint = (f"momentum={m:g} is the weight of the new parameters; if you meant a decay (timm, torch_ema, "
                 f"diffusers), pass decay={m:g} (momentum = 1 - decay)")
     warnings.warn(f"{hint}: with momentum {m:g} each update keeps only {1 - m:g} of the EMA, which then nearly "
-                  "copies the weights", UserWarning, stacklevel=4)
+                  f"copies the weights{which}", UserWarning, stacklevel=4)
 
 
 def shares_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:

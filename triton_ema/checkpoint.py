@@ -71,8 +71,9 @@ def check_ema(opt: EMAOptimizer, ema: Any, match_names: bool = True) -> Checked:
     missing = {"step"} | ({"shadow", "buffers"} if single else {"profiles"})
     missing -= ema.keys()
     if missing:
-        other = "several profiles" if "profiles" in ema else "one unnamed profile"
-        raise ValueError(f"state_dict['ema'] lacks {sorted(missing)} (it was saved with {other})")
+        saved = f"profiles {list(ema['profiles'])}" if isinstance(ema.get("profiles"), dict) else "one unnamed profile"
+        ours = "one unnamed profile" if single else f"profiles {list(opt.schedules)}"
+        raise ValueError(f"state_dict['ema'] lacks {sorted(missing)} (it was saved with {saved}; this EMA has {ours})")
     for key in ("step", "skipped_updates"):
         value = ema.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:

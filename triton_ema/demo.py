@@ -74,9 +74,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m triton_ema.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=15, help="epochs to train (with --resume: the total)")
     p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (deliberately noisy)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step")
     p.add_argument("--momentum", type=float, default=0.02, help="EMA momentum at the start of the cosine")
     p.add_argument("--end-momentum", type=float, default=0.005, help="EMA momentum at the end of the cosine")
     p.add_argument("--warm-up", choices=("power", "none"), default="power",
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=argparse.SUPPRESS,
                    help="folder for the checkpoint and the plot (default: runs/demo, with --posthoc runs/demo-posthoc)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the model and the batches")
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT}")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop after this epoch as if interrupted (then continue with --resume)")

@@ -103,19 +103,20 @@ class EMAModuleLink:
                 self._refresh(*slot)
             if relaid or strict:
                 for (target, kind, attr, _), i in self.aliased:
-                    self._alias(target, kind, attr, store.ema(i, self.profile), refuse=not relaid)
+                    self._alias(target, kind, attr, store.ema(i, self.profile), store.names[i], refuse=not relaid)
         self.generation = store.generation
 
     @staticmethod
-    def _alias(target: nn.Module, kind: str, attr: str, ema: Tensor, *, refuse: bool) -> None:
+    def _alias(target: nn.Module, kind: str, attr: str, ema: Tensor, name: str, *, refuse: bool) -> None:
         current = getattr(target, kind)[attr]
         if current.data_ptr() == ema.data_ptr() and current.dtype == ema.dtype:
             return
         if refuse:
             raise RuntimeError(
-                f"ema_module(): {attr} of {type(target).__name__} no longer is the EMA storage (was the "
-                "module moved with .to() or its tensors replaced?); it would not show the EMA any more. "
-                "Leave the EMA module where it is, and copy it if you need another placement")
+                f"ema_module(): {name} ({attr} of {type(target).__name__}) no longer is the EMA storage (was the "
+                "module moved with .to() or its tensors replaced?); it would not show the EMA any more. Leave the "
+                "EMA module where it is, and copy it if you need another placement; to start over, drop every "
+                "reference to it and call ema_module() again")
         _rebind(target, kind, attr, ema)
 
     def _refresh(self, target: nn.Module, kind: str, attr: str, source: nn.Module) -> None:

@@ -289,6 +289,8 @@ class EMAOptimizer(torch.optim.Optimizer):
             raise ValueError(f"this EMA has several profiles {names}: name the one you want")
         if name is None or name in names:
             return 0 if name is None else names.index(name)
+        if names == [None]:
+            raise ValueError(f"no EMA profile named {name!r}: this EMA has one unnamed profile (call without a name)")
         raise ValueError(f"no EMA profile named {name!r}; the profiles are {names}")
 
     def swap_ema(self, name: str | None = None) -> SwapContext:
