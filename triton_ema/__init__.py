@@ -2,7 +2,8 @@
 PyTorch optimizer's ``step()`` and computed over flat buckets by Triton kernels."""
 
 from . import posthoc, schedules
-from .optimizer import EMAOptimizer, attach
+from .hooks import attach
+from .optimizer import EMAOptimizer
 
 __version__ = "0.1.0"
 

@@ -18,6 +18,7 @@ from .checkpoint import check_load, ema_state
 
 if TYPE_CHECKING:
     from .optimizer import EMAOptimizer
+    from .schedules import Schedule
 
 
 class AttachHooks:
@@ -56,6 +57,24 @@ class AttachHooks:
     def load(self, optimizer: torch.optim.Optimizer) -> None:
         loading, self._loading = self._loading, None
         self.ema._apply_load(loading)
+
+
+def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | None = None, **kwargs: Any) -> EMAOptimizer:
+    """Keep the EMA of an optimizer that something else built and holds, without replacing it.
+
+    Takes the arguments of :class:`EMAOptimizer`. Hooks on ``optimizer`` run
+    the EMA update inside its own ``step()`` (a step that ``GradScaler`` skips
+    updates nothing) and put ``"ema"`` in its own ``state_dict()``, checked
+    before and loaded after its ``load_state_dict()``: whoever checkpoints the
+    optimizer checkpoints the EMA. Returns the EMA, an :class:`EMAOptimizer`:
+    ``swap_ema()``, ``ema_state_dict()``, ``num_steps`` work as on a wrapper;
+    its ``step()``, ``state_dict()`` and ``load_state_dict()`` are the
+    optimizer's (one update per step, however it is called)."""
+    from .optimizer import EMAOptimizer  # the optimizer uses these hooks: imported when called
+
+    ema = EMAOptimizer(optimizer, momentum, **kwargs)
+    ema._hooks = AttachHooks(ema).register(optimizer)
+    return ema
 
 
 def attached_ema(optimizer: torch.optim.Optimizer) -> EMAOptimizer | None:

@@ -20,7 +20,6 @@ from .arguments import check_arguments, param_names
 from .checkpoint import Checked, EMACheckpoint, check_load, ema_state, model_keyed
 from .clock import DeviceClock
 from .eager import call_untraced
-from .hooks import AttachHooks
 from .module import EMAModuleLink, ema_module
 from .overlap import side_stream
 from .schedules import Schedule, momentum_at
@@ -28,7 +27,7 @@ from .store import ShadowStore
 from .swap import SwapContext
 from .tracking import Tracking
 
-__all__ = ["EMAOptimizer", "attach"]
+__all__ = ["EMAOptimizer"]
 
 class EMAOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer``; every ``step()`` also updates an exponential moving
@@ -422,19 +421,3 @@ class EMAOptimizer(torch.optim.Optimizer):
         if self._clock is not None:
             self._clock.set(step)
         self.run_id = run or self.run_id
-
-
-def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | None = None, **kwargs: Any) -> EMAOptimizer:
-    """Keep the EMA of an optimizer that something else built and holds, without replacing it.
-
-    Takes the arguments of :class:`EMAOptimizer`. Hooks on ``optimizer`` run
-    the EMA update inside its own ``step()`` (a step that ``GradScaler`` skips
-    updates nothing) and put ``"ema"`` in its own ``state_dict()``, checked
-    before and loaded after its ``load_state_dict()``: whoever checkpoints the
-    optimizer checkpoints the EMA. Returns the EMA, an :class:`EMAOptimizer`:
-    ``swap_ema()``, ``ema_state_dict()``, ``num_steps`` work as on a wrapper;
-    its ``step()``, ``state_dict()`` and ``load_state_dict()`` are the
-    optimizer's (one update per step, however it is called)."""
-    ema = EMAOptimizer(optimizer, momentum, **kwargs)
-    ema._hooks = AttachHooks(ema).register(optimizer)
-    return ema

@@ -26,7 +26,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils._pytree import tree_map
 
-from ..optimizer import EMAOptimizer, attach
+from ..hooks import attach
+from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
 
 __all__ = ["EMACallback"]

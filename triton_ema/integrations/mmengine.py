@@ -26,7 +26,8 @@ from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper, OptimWrapperDict
 from mmengine.registry import HOOKS
 
-from ..optimizer import EMAOptimizer, attach
+from ..hooks import attach
+from ..optimizer import EMAOptimizer
 from ..schedules import Constant, CopyUntil, Cosine, MomentumAnnealing, Schedule
 
 __all__ = ["TritonEMAHook"]

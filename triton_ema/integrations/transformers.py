@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import transformers
 
-from ..hooks import attached_ema
-from ..optimizer import EMAOptimizer, attach
+from ..hooks import attach, attached_ema
+from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
 
 __all__ = ["EMATrainer", "EMATrainerMixin"]
