@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,26 +240,33 @@ def report(history: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def plot(history: list[dict], path: Path) -> None:
+@contextmanager
+def two_panel_figure(title: str, path: Path):
+    """Two axes side by side; after the block, gridded, with legends and ``title``, saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train", "training weights"), ("ema", "EMA weights")):
-        acc.plot(epochs, [h[f"{key}_acc"] for h in history], marker="o", label=label)
-        loss.plot(epochs, [h[f"{key}_loss"] for h in history], marker="o", label=label)
-    acc.set(xlabel="epoch", ylabel="held-out accuracy (%)", title="Accuracy")
-    loss.set(xlabel="epoch", ylabel="held-out cross-entropy", title="Loss")
-    for ax in (acc, loss):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    yield axes
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("8x8 digits, AdamW at a noisy learning rate: training vs EMA weights")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot(history: list[dict], path: Path) -> None:
+    epochs = [h["epoch"] for h in history]
+    with two_panel_figure("8x8 digits, AdamW at a noisy learning rate: training vs EMA weights", path) as (acc, loss):
+        for key, label in (("train", "training weights"), ("ema", "EMA weights")):
+            acc.plot(epochs, [h[f"{key}_acc"] for h in history], marker="o", label=label)
+            loss.plot(epochs, [h[f"{key}_loss"] for h in history], marker="o", label=label)
+        acc.set(xlabel="epoch", ylabel="held-out accuracy (%)", title="Accuracy")
+        loss.set(xlabel="epoch", ylabel="held-out cross-entropy", title="Loss")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from . import EMAOptimizer, posthoc
-from .demo import CHECKPOINT, Data, DigitsNet, evaluate
+from .demo import CHECKPOINT, Data, DigitsNet, evaluate, two_panel_figure
 
 SNAPSHOTS = "snapshots"
 PLOT = "posthoc.png"
@@ -91,23 +91,12 @@ def report(sweep: list[dict], final: dict, args: argparse.Namespace, steps: int,
 
 
 def plot(sweep: list[dict], final: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     sigma_rels = [row["sigma_rel"] for row in sweep]
     own = [row for row in sweep if row["tracked_acc"] is not None]
-    for ax, key, label in ((axes[0], "acc", "held-out accuracy (%)"), (axes[1], "loss", "held-out cross-entropy")):
-        ax.plot(sigma_rels, [row[key] for row in sweep], marker="o", label="synthesized after training")
-        ax.scatter([row["sigma_rel"] for row in own], [row[f"tracked_{key}"] for row in own], s=120,
-                   facecolors="none", edgecolors="C3", linewidths=2, label="tracked while training", zorder=3)
-        ax.axhline(final[f"train_{key}"], color="C2", linestyle="--", label="training weights")
-        ax.set(xlabel="sigma_rel (EMA width relative to the run)", ylabel=label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("8x8 digits: EMA lengths synthesized from snapshots after training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with two_panel_figure("8x8 digits: EMA lengths synthesized from snapshots after training", path) as axes:
+        for ax, key, label in ((axes[0], "acc", "held-out accuracy (%)"), (axes[1], "loss", "held-out cross-entropy")):
+            ax.plot(sigma_rels, [row[key] for row in sweep], marker="o", label="synthesized after training")
+            ax.scatter([row["sigma_rel"] for row in own], [row[f"tracked_{key}"] for row in own], s=120,
+                       facecolors="none", edgecolors="C3", linewidths=2, label="tracked while training", zorder=3)
+            ax.axhline(final[f"train_{key}"], color="C2", linestyle="--", label="training weights")
+            ax.set(xlabel="sigma_rel (EMA width relative to the run)", ylabel=label)
