@@ -104,7 +104,7 @@ def _check_profile(opt: EMAOptimizer, entry: Any, profile: int, where: str, matc
         raise ValueError(f"{where} must be a dict with 'shadow' and 'buffers'")
     n = opt._tracking.num_params
     saved = [("shadow", entry["shadow"], list(range(n))),
-             ("buffers", entry["buffers"], [name for _, _, name in opt._tracking.buffer_slots])]
+             ("buffers", entry["buffers"], opt._tracking.buffer_names)]
     values = []
     for key, entries, expected in saved:
         if not isinstance(entries, dict):
@@ -168,7 +168,7 @@ def model_keyed(opt: EMAOptimizer, name: str | None, what: str):
     if opt.model is None:
         raise RuntimeError(f"{what} needs the model: pass model= to EMAOptimizer")
     opt._adopt_new_params()
-    index = {id(t): i for i, t in enumerate(opt._tracking.objects)}
+    index = opt._tracking.positions()
     for key, value in opt.model.state_dict(keep_vars=True).items():
         i = index.get(id(value))
         yield key, value, None if i is None else opt._store.ema(i, profile)

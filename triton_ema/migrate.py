@@ -72,7 +72,7 @@ def checked_values(opt: EMAOptimizer, state_dict: Mapping[str, Tensor]) -> list[
     unknown = [key for key in state_dict if key not in model_entries]
     if unknown:
         raise ValueError(f"the EMA state dict has entries the model does not: {unknown[:5]}")
-    index = {id(t): i for i, t in enumerate(opt._tracking.objects)}
+    index = opt._tracking.positions()
     values: list[Tensor | None] = [None] * len(opt._tracking.objects)
     for name, target in model_entries.items():
         i = index.get(id(target))

@@ -45,7 +45,7 @@ def ema_module(opt: EMAOptimizer, profile: int) -> tuple[nn.Module, EMAModuleLin
             "ema_module() is not available for sharded (DTensor, FSDP2) parameters: a forward needs FSDP's "
             "all-gathers, which belong to the training model; use swap_ema() for forward passes, or "
             "ema_state_dict(full=True) to build a separate model")
-    index = {id(t): i for i, t in enumerate(opt._tracking.objects)}
+    index = opt._tracking.positions()
     memo: dict[int, Any] = {}
     with torch.no_grad():
         for p in model.parameters():
@@ -83,10 +83,15 @@ class EMAModuleLink:
 
     def _sort(self) -> None:
         """Slots of averaged tensors, with their index among them (``aliased``), and the others (``unaveraged``)."""
-        index = {id(t): i for i, t in enumerate(self.opt._tracking.objects)}
-        found = [(slot, index.get(id(getattr(slot[3], slot[1])[slot[2]]))) for slot in self.slots]
-        self.aliased = [(slot, i) for slot, i in found if i is not None]
-        self.unaveraged = [slot for slot, i in found if i is None]
+        index = self.opt._tracking.positions()
+        self.aliased, self.unaveraged = [], []
+        for slot in self.slots:
+            _, kind, attr, source = slot
+            i = index.get(id(getattr(source, kind)[attr]))
+            if i is None:
+                self.unaveraged.append(slot)
+            else:
+                self.aliased.append((slot, i))
 
     def follow(self, *, strict: bool) -> None:
         """Refresh what follows the model; re-alias the averaged tensors if the shadows were

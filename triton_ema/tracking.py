@@ -35,6 +35,10 @@ class Tracking:
         self.shards = [i for i, t in enumerate(params) if sharding.is_dtensor(t)]
         return [sharding.local(t) for t in self.objects], names + self.buffer_names
 
+    def positions(self) -> dict[int, int]:
+        """Each averaged tensor's index, by ``id()`` of the object the user holds."""
+        return {id(t): i for i, t in enumerate(self.objects)}
+
     @property
     def buffer_names(self) -> list[str]:
         return [name for _, _, name in self.buffer_slots]
