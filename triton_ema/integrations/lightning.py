@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_map
 from ..hooks import attach
 from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
+from ..weights import load_ema_weights
 
 __all__ = ["EMACallback"]
 
@@ -58,6 +59,7 @@ class EMACallback(pl.Callback):
         self.ema: EMAOptimizer | None = None
         self._swapped = contextlib.ExitStack()
         self._load_hook = None
+        self._checkpoint_ema: dict[str, torch.Tensor] | None = None  # test/validate(ckpt_path=) without a fit
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
@@ -105,10 +107,13 @@ class EMACallback(pl.Callback):
         self._swapped.close()
 
     def _swap_in(self, what: str, pl_module: pl.LightningModule) -> None:
+        if self.ema is None and self._checkpoint_ema is not None:
+            self._swapped.enter_context(self._checkpoint_ema_swapped(pl_module))
+            return
         if self.ema is None:
             raise RuntimeError(f"EMACallback({what}_on_ema=True): there is no EMA to {what} on; fit with this "
-                               f"callback in this process first ({what}(ckpt_path=...) then loads that checkpoint's "
-                               f"EMA), or pass {what}_on_ema=False")
+                               f"callback in this process first, or {what}(ckpt_path=...) a checkpoint saved with it, "
+                               f"or pass {what}_on_ema=False")
         self._swapped.enter_context(self.ema.swap_ema())  # reshards FSDP2 modules on both sides of the swap
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -143,7 +148,10 @@ class EMACallback(pl.Callback):
         # Fitting, the optimizer's own load_state_dict restores the EMA. Testing or validating a
         # checkpoint after a fit, its EMA replaces the fit's, as its weights replace the model's.
         wanted = {TrainerFn.VALIDATING: self.validate_on_ema, TrainerFn.TESTING: self.test_on_ema}
-        if not wanted.get(trainer.state.fn) or self.ema is None:
+        if not wanted.get(trainer.state.fn):
+            return
+        if self.ema is None:  # no fit in this process: the checkpoint's EMA weights, swapped in by _swap_in
+            self._checkpoint_ema = self._ema_weights_of(trainer, checkpoint)
             return
         states = checkpoint.get("optimizer_states") or [{}]
         saved = states[self.optimizer_index].get("ema") if self.optimizer_index < len(states) else None
@@ -152,3 +160,27 @@ class EMACallback(pl.Callback):
             raise RuntimeError("EMACallback: the checkpoint holds no EMA (saved without this callback, or with "
                                "weights only); pass validate_on_ema=False / test_on_ema=False to use its weights")
         self.ema.ema_checkpoint.load_state_dict(saved)
+
+    # --- test/validate(ckpt_path=) in a process that has not fitted: the checkpoint's EMA weights ---------
+
+    def _ema_weights_of(self, trainer: pl.Trainer, checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if trainer.ckpt_path is not None and Path(trainer.ckpt_path).is_dir():
+            raise NotImplementedError(
+                "EMACallback: test/validate(ckpt_path=) of a distributed checkpoint (ModelParallelStrategy) in a "
+                "process that has not fitted; fit first in this process, or write the checkpoint's EMA weights with "
+                "python -m triton_ema.export and load them into an unsharded module")
+        try:
+            return load_ema_weights(checkpoint)
+        except ValueError as error:
+            raise RuntimeError(f"EMACallback: the checkpoint's EMA cannot be read ({error}); pass "
+                               "validate_on_ema=False / test_on_ema=False to use its weights") from error
+
+    @contextlib.contextmanager
+    def _checkpoint_ema_swapped(self, pl_module: pl.LightningModule):
+        """The checkpoint's EMA weights in the module, its own weights back afterwards (also when the body raises)."""
+        own = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        pl_module.load_state_dict(self._checkpoint_ema)
+        try:
+            yield
+        finally:
+            pl_module.load_state_dict(own)
