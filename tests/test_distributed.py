@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from conftest import assert_ulps
 from test_posthoc import edm2_gamma, edm2_weights
 
-from triton_ema import posthoc
+from triton_ema import load_ema_weights, posthoc
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this torch build has no gloo process groups")
@@ -151,6 +151,16 @@ def test_fsdp2_every_profile_matches_one_process_and_swaps_back(fsdp_profiles, p
                     ulps=64)
     # On every rank: inside each swap the shards hold that profile's shadows, and after it the training weights.
     assert [(r["held"], r["restored"]) for r in result["ranks"]] == [(True, True)] * 2
+
+
+def test_load_ema_weights_reads_each_profile_of_the_two_rank_dcp_checkpoint(fsdp_profiles):
+    result, folder = fsdp_profiles
+    model, _ = dist_cases.build("single")
+    for name in dist_cases.PROFILES:
+        weights = load_ema_weights(folder / "ckpt", profile=name)  # in this process, no process group
+        saved = result["taken"][dist_cases.DCP_STOP][name]  # what the ranks held, gathered when they saved
+        assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved), name
+        model.load_state_dict(weights, strict=True)
 
 
 def test_fsdp2_snapshot_that_rank_0_cannot_complete_fails_on_every_rank(fsdp_profiles):

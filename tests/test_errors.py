@@ -1,6 +1,7 @@
 """Bad input, one row each: every one is answered by an error that names the culprit."""
 
 import os
+import pickle
 import tempfile
 
 import pytest
@@ -112,6 +113,54 @@ def mmengine_hook(**kw):
     from triton_ema.integrations.mmengine import TritonEMAHook
 
     return TritonEMAHook(**kw)
+
+
+def weights_of(edit=None, save=None, **kw):
+    """load_ema_weights of a checkpoint, edited; or of the file ``save(folder)`` writes."""
+    def run():
+        from triton_ema import load_ema_weights
+
+        if save is None:
+            model = make_model()
+            opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), momentum=kw.pop("momentum", 0.1),
+                               model=kw.pop("saved_with", model))
+            sd = opt.state_dict()
+            return load_ema_weights(edit(sd) if edit else sd, **kw)
+        folder = tempfile.mkdtemp()
+        return load_ema_weights(save(folder), **kw)
+    return run
+
+
+def unreadable_file(folder):
+    path = os.path.join(folder, "ckpt.pt")
+    torch.save({"state": {}, "param_groups": [], "obj": Opaque()}, path)
+    return path
+
+
+class Opaque:
+    """A class torch.load(weights_only=True) does not build."""
+
+
+def safetensors_file(folder):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, os.path.join(folder, "w.safetensors"))
+    return os.path.join(folder, "w.safetensors")
+
+
+def two_groups(sd):
+    sd["param_groups"] = [sd["param_groups"][0], sd["param_groups"][0]]
+    return sd
+
+
+def lightning_test_without_ema():
+    import lightning.pytorch as pl
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer.state.fn = TrainerFn.TESTING
+    checkpoint = {"pytorch-lightning_version": "2.6.0", "state_dict": {}, "optimizer_states": [{"state": {}}]}
+    lightning_callback().on_load_checkpoint(trainer, None, checkpoint)
 
 
 def nested_swap():
@@ -311,6 +360,43 @@ ERRORS = [
      "num_steps must be a non-negative integer, got -1"),
     ("import without model", lambda: EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), momentum=0.1)
      .load_ema_state_dict({}, num_steps=0), RuntimeError, "load_ema_state_dict\\(\\) needs the model"),
+    # EMA weights out of a checkpoint (load_ema_weights, python -m triton_ema.export)
+    ("weights: no names", weights_of(saved_with=None), ValueError,
+     "saved without parameter names \\(EMAOptimizer or attach without model=\\).*pass model="),
+    ("weights: no names, two param groups", weights_of(two_groups, saved_with=None, model=make_model()), ValueError,
+     "its optimizer's 2 param groups are not one group of the model's 7 parameters"),
+    ("weights: several profiles", weights_of(momentum={"a": 0.1, "b": 0.2}), ValueError,
+     "several EMA profiles \\['a', 'b'\\]: pass profile="),
+    ("weights: unknown profile", weights_of(momentum={"a": 0.1}, profile="b"), ValueError,
+     "no EMA profile named 'b'; the profiles of the checkpoint are \\['a'\\]"),
+    ("weights: profile of one unnamed", weights_of(profile="b"), ValueError,
+     "no EMA profile named 'b': the checkpoint has one unnamed profile"),
+    ("weights: not a checkpoint", weights_of(lambda sd: {"weight": torch.zeros(1)}), ValueError,
+     "holds no EMA: its keys \\['weight'\\] are of no checkpoint form known here"),
+    ("weights: bare optimizer", weights_of(lambda sd: {k: v for k, v in sd.items() if k != "ema"}), ValueError,
+     "an optimizer state dict without an EMA \\(no 'ema' entry"),
+    ("weights: Lightning without EMA", weights_of(lambda sd: {"pytorch-lightning_version": "2.6.0", "state_dict": {},
+                                                             "optimizer_states": [sd["param_groups"]]}), ValueError,
+     "a Lightning checkpoint without an EMA \\(saved without EMACallback"),
+    ("weights: mmengine without EMA", weights_of(lambda sd: {"meta": {}, "state_dict": {}, "optimizer": {"state": {}}}),
+     ValueError, "an mmengine checkpoint without triton-ema's EMA \\(saved without TritonEMAHook"),
+    ("weights: model of another net", weights_of(model=torch.nn.Linear(2, 2)), ValueError,
+     "the EMA has entries \\['bn.bias', 'bn.weight', 'conv.bias', 'conv.weight', 'fc.bias'\\] that the model given "
+     "lacks \\(7 missing"),
+    ("weights: a file that needs unpickling", weights_of(save=unreadable_file), pickle.UnpicklingError,
+     "ckpt.pt needs more than loading tensors .*holds test_errors.Opaque.*pass weights_only=False"),
+    ("weights: a safetensors file", weights_of(save=safetensors_file), ValueError,
+     "w.safetensors holds plain weights \\(safetensors\\), not a checkpoint"),
+    ("weights: no such file", weights_of(save=lambda folder: os.path.join(folder, "nothing.pt")), FileNotFoundError,
+     "no checkpoint at .*nothing.pt"),
+    ("weights: unknown folder", weights_of(save=lambda folder: folder), ValueError,
+     "is a folder of no checkpoint form known here"),
+    ("weights: not a path", lambda: __import__("triton_ema").load_ema_weights(3), TypeError,
+     "source must be a path or a loaded checkpoint \\(a dict\\), got int"),
+    ("export: format unknown", lambda: __import__("triton_ema.export").export.export("ckpt.pt", "ema.txt"), ValueError,
+     "cannot tell the format from 'ema.txt': name it .safetensors, .pt, .pth or .bin"),
+    ("lightning test of a checkpoint without EMA", lightning_test_without_ema, RuntimeError,
+     "EMACallback: the checkpoint's EMA cannot be read \\(the checkpoint is a Lightning checkpoint without an EMA"),
     # misuse
     ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
     ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),

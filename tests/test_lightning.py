@@ -19,6 +19,7 @@ pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed
 import lightning_cases as cases  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
+from triton_ema import load_ema_weights  # noqa: E402
 from triton_ema.integrations.lightning import EMACallback  # noqa: E402
 
 EPOCHS = 4
@@ -154,6 +155,16 @@ def test_fsdp2_model_parallel_strategy_on_two_cpu_processes(two_rank_runs):
         # validating on the EMA changed nothing in the training; ema_at_end=True puts the EMA in the model
         assert all(torch.equal(a, b) for a, b in zip(rank["ema_validated_on_training_weights"], rank["ema"]))
         assert all(torch.equal(a, b) for a, b in zip(rank["model_at_end"], rank["ema"]))
+
+
+def test_load_ema_weights_of_a_model_parallel_distributed_checkpoint(two_rank_runs):
+    ranks, _ = run_two_ranks(two_rank_runs, "lightning_fsdp2.py")
+    out, _ = two_rank_runs["lightning_fsdp2.py"]
+    weights = load_ema_weights(out / "ckpts" / "epoch=2.ckpt")  # the last of 3 epochs: both ranks' shards
+    model = cases.Regressor(seed=5)
+    assert list(weights) == list(model.state_dict())
+    assert all(torch.equal(w, e) for w, e in zip(weights.values(), ranks[0]["ema"]))  # the EMA when fit ended
+    model.load_state_dict(weights, strict=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs a CUDA GPU (it refuses "

@@ -177,6 +177,16 @@ def test_export_writes_safetensors_and_torch_files(tmp_path, capsys):
     assert not (tmp_path / "ema.txt").exists()
 
 
+def test_export_without_safetensors_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    model, opt = trained()
+    torch.save(opt.state_dict(), tmp_path / "ckpt.pt")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "ema.safetensors")]) == 1
+    assert "needs the safetensors package: pip install 'triton-ema[export]'" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "ema.safetensors"), "--format", "torch"]) == 0
+
+
 def test_export_command_in_a_subprocess(tmp_path):
     from safetensors.torch import load_file
 

@@ -134,9 +134,9 @@ def _completed(ema: dict[str, Tensor], candidates: Sequence[Candidate], found: F
     if given or found.complete:
         keys = set().union(*(c.keys or c.load().keys() for c in candidates)) if candidates else set()
         missing = sorted(k for k in ema if k not in {unwrapped(str(x)) for x in keys})
-        whose = "the model given" if given else f"the model's weights in {found.where}"
-        raise ValueError(f"{found.where}: {whose} have no entry for {missing[:5]}, which the EMA has "
-                         f"({len(missing)} missing; a checkpoint of another model?)")
+        whose = "the model given lacks" if given else "the model's weights it holds lack"
+        raise ValueError(f"{found.where}: the EMA has entries {missing[:5]} that {whose} ({len(missing)} missing; "
+                         "a checkpoint of another model?)")
     return {k: _copy(v, v.dtype) for k, v in ema.items()}
 
 
