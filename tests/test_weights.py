@@ -311,13 +311,12 @@ def test_lightning_checkpoint_and_test_validate_in_a_fresh_trainer(tmp_path):
     expected = regression_loss(reference.ema, torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows]))
     training = torch.load(ckpt, weights_only=True)["state_dict"]
     for run, key in (("test", "test_loss"), ("validate", "val_loss")):
-        fresh = Aliased(seed=5)  # never fitted, in a Trainer that never fitted
-        (result,) = getattr(cases.trainer([EMACallback(cases.MOMENTUM)], 2), run)(fresh, val, ckpt_path=str(ckpt),
-                                                                                 verbose=False)
+        fresh, trainer = Aliased(seed=5), cases.trainer([EMACallback(cases.MOMENTUM)], 2)  # neither ever fitted
+        (result,) = getattr(trainer, run)(fresh, val, ckpt_path=str(ckpt), verbose=False)
         assert result[key] == pytest.approx(expected, rel=1e-5), run
         assert bitwise(fresh.state_dict(), training)  # the checkpoint's training weights back after
-    with pytest.raises(RuntimeError, match="there is no EMA to test on"):
-        cases.trainer([EMACallback(cases.MOMENTUM)], 2).test(Aliased(seed=5), val, verbose=False)
+    with pytest.raises(RuntimeError, match="there is no EMA to validate on"):  # that checkpoint's EMA was the run's
+        trainer.validate(fresh, val, verbose=False)
 
 
 @pytest.mark.integration

@@ -43,7 +43,9 @@ class EMACallback(pl.Callback):
     sanity check) and testing run on the EMA weights unless ``validate_on_ema`` /
     ``test_on_ema`` is False; with ``ema_at_end=True`` the model holds the EMA
     weights when ``fit`` returns. ``callback.ema`` is the EMA (an attached
-    :class:`~triton_ema.EMAOptimizer`) once ``fit`` has started.
+    :class:`~triton_ema.EMAOptimizer`) once ``fit`` has started. ``test`` and
+    ``validate(ckpt_path=...)`` run on that checkpoint's EMA, also in a process
+    that has not fitted.
     """
 
     def __init__(self, momentum: float | Schedule | None = None, *, validate_on_ema: bool = True,
@@ -175,11 +177,15 @@ class EMACallback(pl.Callback):
             raise RuntimeError(f"EMACallback: the checkpoint's EMA cannot be read ({error}); pass "
                                "validate_on_ema=False / test_on_ema=False to use its weights") from error
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage in ("validate", "test"):
+            self._checkpoint_ema = None  # that run's checkpoint: a later run without ckpt_path= has no EMA
+
     @contextlib.contextmanager
     def _checkpoint_ema_swapped(self, pl_module: pl.LightningModule):
         """The checkpoint's EMA weights in the module, its own weights back afterwards (also when the body raises)."""
         own = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        pl_module.load_state_dict(self._checkpoint_ema)
+        pl_module.load_state_dict(self._checkpoint_ema, strict=pl_module.strict_loading)  # as Lightning loads it
         try:
             yield
         finally:
