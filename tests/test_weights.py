@@ -18,6 +18,7 @@ from torch import nn
 
 from triton_ema import EMAOptimizer, attach, load_ema_weights
 from triton_ema.export import main as export_main
+from triton_ema.keying import completed
 from triton_ema.names import only_wrappers_differ, unwrapped, wrapper_difference
 from triton_ema.weights import folder_form
 
@@ -275,12 +276,21 @@ def test_dcp_value_that_needs_unpickling_is_refused(tmp_path, monkeypatch):
     assert (tmp_path / "mark").read_text() == "ran"
 
 
+def test_weights_of_another_reader_are_completed_like_the_others():
+    model, opt = trained(wrap=nn.DataParallel)
+    given = make_model(seed=7)
+    averaged = {k: v for k, v in opt.ema_state_dict().items() if not k.endswith("num_batches_tracked")}
+    weights = completed(averaged, given, "a reader's weights")
+    assert bitwise(weights, with_counter_of({unwrapped(k): v for k, v in opt.ema_state_dict().items()}, given))
+    assert bitwise(completed(averaged, None, "a reader's weights"), {unwrapped(k): v for k, v in averaged.items()})
+
+
 def test_a_deepspeed_folder_is_recognised(tmp_path):
     (tmp_path / "global_step4").mkdir()
     (tmp_path / "latest").write_text("global_step4")
     torch.save({}, tmp_path / "global_step4" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
     assert folder_form(tmp_path).name == folder_form(tmp_path / "global_step4").name == "a DeepSpeed checkpoint folder"
-    assert folder_form(tmp_path / "global_step4" / "nothing").__class__ is type(None)
+    assert folder_form(tmp_path / "global_step4" / "nothing") is None
 
 
 # --- the frameworks' checkpoints ------------------------------------------------------------------

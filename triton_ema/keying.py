@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .names import unwrapped
 
-__all__ = ["Candidate", "Found", "choose_profile", "is_ema_entry", "keyed_weights", "mapping_candidate"]
+__all__ = ["Candidate", "Found", "choose_profile", "completed", "is_ema_entry", "keyed_weights", "mapping_candidate"]
 
 
 class Candidate(NamedTuple):
@@ -88,6 +88,14 @@ def keyed_weights(found: Found, profile: str | None, model: nn.Module | None) ->
         ema[unwrapped(name)] = value
     candidates = [mapping_candidate(model.state_dict())] if model is not None else found.models
     return _completed(ema, candidates, found, model is not None)
+
+
+def completed(weights: Mapping[str, Tensor], model: nn.Module | None, where: str) -> dict[str, Tensor]:
+    """Model-keyed EMA weights a reader of its own returned, as :func:`keyed_weights` finishes them: names
+    unwrapped, and with ``model`` its other entries filled in and its dtypes taken; copies."""
+    ema = {unwrapped(k): v for k, v in weights.items()}
+    candidates = [mapping_candidate(model.state_dict())] if model is not None else []
+    return _completed(ema, candidates, Found({}, None, where, ()), model is not None)
 
 
 def _index(where: str) -> Callable[[Any], int]:

@@ -248,6 +248,8 @@ def _file_candidate(files: list[Path], weights_only: bool) -> Candidate:
 
 
 FOLDER_FORMS: list[FolderForm] = [
+    # Reader: (path, *, profile, model, weights_only) -> weights; one that returns model-keyed weights of its own
+    # finishes them with keying.completed(weights, model, str(path)).
     FolderForm("a DeepSpeed checkpoint folder", _is_deepspeed, None),
     FolderForm("a torch.distributed.checkpoint folder", lambda p: (p / ".metadata").is_file(), _read_dcp),
     FolderForm("a transformers Trainer or accelerate checkpoint folder", _is_training_folder, _read_training_folder),
