@@ -56,10 +56,12 @@ def config(name):
     return cfg
 
 
-def init(rank, world, store):
+def init(rank, world, store, backend="gloo"):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    deepspeed.init_distributed(dist_backend="gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def build(name):
@@ -75,7 +77,7 @@ def half(engine):
 
 
 def step(engine, t, poison=False):
-    x, y = data(t, dist.get_rank(), half(engine))
+    x, y = (v.to(engine.device) for v in data(t, dist.get_rank(), half(engine)))
     if poison:
         x = x * float("nan")
     loss = (engine(x).float() - y).square().mean()
@@ -119,7 +121,27 @@ def plain_forward(weights, dtype, x):
     net = Net()
     net.load_state_dict(weights)
     with torch.no_grad():
-        return net.to(dtype)(x).float()
+        return net.to(x.device, dtype)(x).float()
+
+
+def cpu(value):
+    """``value`` with every tensor on the CPU (what the test process reads)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu(v) for v in value)
+    return value
+
+
+def run_cuda(rank, world, store, out, names, folder):
+    """The same checks on CUDA (fp16 needs a GPU), one rank per GPU with nccl."""
+    init(rank, world, store, "nccl")
+    results = {name: cpu(run_one(name, rank, os.path.join(folder, name))) for name in names}
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
 
 
 def run(rank, world, store, out, names, folder):
@@ -128,6 +150,8 @@ def run(rank, world, store, out, names, folder):
     results = {}
     for name in names:
         results[name] = run_one(name, rank, os.path.join(folder, name))
+    results["module_only"] = module_only(os.path.join(folder, "module-only"), "stage2-bf16")
+    results["errors"] = errors(os.path.join(folder, "stage2-bf16"))
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
@@ -180,7 +204,7 @@ def run_one(name, rank, folder):
 
 def check_swap(engine, ema, full_ema):
     rank = dist.get_rank()
-    x = data(99, rank, half(engine))[0]
+    x = data(99, rank, half(engine))[0].to(engine.device)
     before, out_before = local_state(engine), forward(engine, x)
     with ema.swap_ema():
         inside = forward(engine, x)
@@ -207,11 +231,10 @@ def check_swap(engine, ema, full_ema):
             "swap_errors": errors}
 
 
-def run_module_only(rank, world, store, out, folder, name):
+def module_only(folder, name):
     """load_module_only=True and load_optimizer_states=False: the EMA restarts from the loaded weights."""
     import warnings
 
-    init(rank, world, store)
     engine = build(name)
     attach(engine, momentum=MOMENTUM)
     for t in range(SAVE_AT):
@@ -227,6 +250,50 @@ def run_module_only(rank, world, store, out, folder, name):
         results[next(iter(flag))] = {"warnings": [str(w.message) for w in caught if "EMA" in str(w.message)],
                                      "ema": ema.ema_state_dict(full=True), "masters": full_masters(fresh),
                                      "num_steps": ema.num_steps}
+    return results
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None, "no error"
+
+
+def errors(folder):
+    """(exception type, message) of each wrong use, by name."""
+    torch.manual_seed(0)
+    model = Net()
+    out = {"plain module": _error(lambda: attach(model, momentum=MOMENTUM)),
+           "plain optimizer": _error(lambda: attach(torch.optim.SGD(model.parameters(), lr=0.1), momentum=MOMENTUM))}
+    engine = build("stage2-bf16")
+    attach(engine, momentum=MOMENTUM)
+    out["twice"] = _error(lambda: attach(engine, momentum=MOMENTUM))
+    out["model="] = _error(lambda: attach(build("stage1-fp32"), momentum=MOMENTUM, model=model))
+    bare, *_ = deepspeed.initialize(model=Net(), config=config("stage0-fp32"))
+    out["no optimizer"] = _error(lambda: attach(bare, momentum=MOMENTUM))
+    cfg = config("stage2-fp32")
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    cfg["zero_force_ds_cpu_optimizer"] = False
+    net = Net()
+    offloaded, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(net.parameters()), config=cfg)
+    out["offload_optimizer"] = _error(lambda: attach(offloaded, momentum=MOMENTUM))
+    cfg = config("stage2-bf16")
+    cfg["checkpoint"] = {"load_universal": True}
+    net = Net()
+    universal, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(net.parameters()), config=cfg)
+    attach(universal, momentum=MOMENTUM)
+    out["universal"] = _error(lambda: universal.load_checkpoint(folder, tag="mid"))
+    return out
+
+
+def run_other_world(rank, world, store, out, folder, name):
+    """Resume a checkpoint saved on 2 ranks on ``world`` ranks: refused."""
+    init(rank, world, store)
+    engine = build(name)
+    attach(engine, momentum=MOMENTUM)
+    result = _error(lambda: engine.load_checkpoint(folder, tag="mid"))
     if rank == 0:
-        torch.save(results, out)
+        torch.save(result, out)
     dist.barrier()

@@ -91,9 +91,10 @@ class DeepSpeedEMA:
             raise ValueError("this engine has no optimizer (deepspeed.initialize without optimizer= or an "
                              "'optimizer' config entry): there are no master weights to average")
         for what in ("offload_optimizer", "offload_param"):
-            config = getattr(engine, f"zero_{what}")()
-            if config is not None and str(getattr(config.device, "value", config.device)) != "none":
-                raise ValueError(f"zero_optimization.{what} (device {config.device.value!r}) is not supported by "
+            device = getattr(getattr(engine, f"zero_{what}")(), "device", None)
+            device = getattr(device, "value", device)
+            if device not in (None, "none"):
+                raise ValueError(f"zero_optimization.{what} (device {device!r}) is not supported by "
                                  "the EMA: train without offloading, or keep the EMA with triton_ema.attach on a "
                                  "plain torch setup")
         self.engine = engine
