@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-HEAVY = ("triton", "torch.distributed.tensor", "lightning", "transformers", "accelerate", "mmengine")
+HEAVY = ("triton", "torch.distributed.tensor", "lightning", "transformers", "accelerate", "mmengine", "deepspeed")
 
 
 def test_import_loads_neither_triton_nor_dtensor_nor_a_framework():
