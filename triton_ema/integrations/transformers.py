@@ -22,6 +22,7 @@ import transformers
 from ..hooks import attach, attached_ema
 from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
+from ..wrapped import unwrap_optimizer
 
 __all__ = ["EMATrainer", "EMATrainerMixin"]
 
@@ -49,10 +50,9 @@ class EMATrainerMixin:
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(*args, **kwargs)
-        base = getattr(optimizer, "optimizer", optimizer)  # already wrapped by accelerate on a second train()
-        self.ema = attached_ema(base)
+        self.ema = attached_ema(unwrap_optimizer(optimizer))  # already wrapped by accelerate on a second train()
         if self.ema is None:
-            self.ema = attach(base, self.ema_momentum, model=self.model, **self.ema_kwargs)
+            self.ema = attach(optimizer, self.ema_momentum, model=self.model, **self.ema_kwargs)
         return optimizer
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
