@@ -52,11 +52,9 @@ def _known(optimizer: Any) -> str | None:
     return None
 
 
-def _inner(optimizer: Any) -> Any:
+def _inner(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer a wrapper holds as ``.optimizer`` (each of the wrappers above does), if any."""
     inner = getattr(optimizer, "optimizer", None)
-    if isinstance(inner, torch.optim.Optimizer):
-        return inner
-    inner = getattr(optimizer, "_optimizer", None)  # a wrapper whose optimizer property failed
     return inner if isinstance(inner, torch.optim.Optimizer) else None
 
 
@@ -76,8 +74,7 @@ def unwrap_optimizer(optimizer: Any) -> Any:
             break
         inner = _inner(optimizer)
         if inner is None:
-            raise TypeError(f"attach(): {THROUGH[known][0]} holds no torch optimizer here "
-                            f"({type(optimizer).__name__}.optimizer is {type(getattr(optimizer, 'optimizer', None)).__name__})")
+            raise TypeError(f"attach(): this {THROUGH[known][0]} holds no torch optimizer as .optimizer")
         optimizer = inner
     inner = None if _is_hookable(optimizer) else _inner(optimizer)
     if inner is not None:
