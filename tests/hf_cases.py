@@ -19,9 +19,10 @@ class Regressor(nn.Module):
         return {"loss": (out - labels).square().mean(), "logits": out}
 
 
-def dataset(n, seed):
+def dataset(n, seed, sign=1):
+    """``n`` rows of the regression data; ``sign=-1`` negates the labels (an eval set that training moves away from)."""
     x, y = regression_data(n, seed)
-    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+    return [{"x": x[i], "labels": sign * y[i]} for i in range(n)]
 
 
 class Float64EMA:

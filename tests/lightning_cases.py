@@ -35,8 +35,26 @@ class Regressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
+class Sampling(Regressor):
+    """Records the weights it holds in its own on_validation_epoch_end and on_test_epoch_end (where diffusion
+    models sample), and saves a checkpoint from there (``trainer.save_checkpoint``) into ``save_dir``."""
+
+    def __init__(self, save_dir, seed=0):
+        super().__init__(seed)
+        self.save_dir, self.at_epoch_end = save_dir, {"validate": [], "test": []}
+
+    def on_validation_epoch_end(self):
+        self.at_epoch_end["validate"].append([p.detach().clone() for p in self.parameters()])
+        self.trainer.save_checkpoint(f"{self.save_dir}/epoch_end={self.current_epoch}.ckpt")
+        self.at_epoch_end["validate"][-1] += [p.detach().clone() for p in self.parameters()]  # and after the save
+
+    def on_test_epoch_end(self):
+        self.at_epoch_end["test"].append([p.detach().clone() for p in self.parameters()])
+
+
 class Reference(pl.Callback):
-    """A float64 EMA of the weights after every optimizer step, and what the model held around validation.
+    """A float64 EMA of the weights after every optimizer step, and what the model held around validation
+    (when the validation epoch starts, and once validation has ended).
 
     Put it after the EMACallback: its hooks then see the model as that callback left it."""
 
@@ -54,7 +72,7 @@ class Reference(pl.Callback):
     def on_validation_epoch_start(self, trainer, pl_module):
         self.at_validation.append(([p.detach().clone() for p in pl_module.parameters()], [s.clone() for s in self.ema]))
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):
         self.after_validation.append(([p.detach().clone() for p in pl_module.parameters()], self.training))
 
 

@@ -4,7 +4,7 @@
 import pytest
 import torch
 from conftest import DEVICE, assert_ulps
-from models import batches, make_model, roundtrip, train_step
+from models import batches, float64_ema_step, make_model, regression_data, regression_net, roundtrip, train_step
 
 from triton_ema import EMAOptimizer, attach
 from triton_ema.schedules import Cosine
@@ -210,3 +210,107 @@ def test_a_copy_of_an_attached_ema_is_a_wrapper_of_the_copied_optimizer():
     assert bitwise_equal(ema_values(twin), ema_values(ema))
     train_step(twin.model, twin, data[1])  # its own step updates it; the original is not touched
     assert twin.num_steps == 2 and ema.num_steps == 1
+
+
+# A framework's optimizer wrapper, after the framework built it: attach() goes through it, to the optimizer inside,
+# whose step, state_dict and load_state_dict the wrapper calls (tests/test_errors.py: EMAOptimizer around one).
+
+def regression_reference(momentum, steps, net, x, y, optimizer_step):
+    """A float64 EMA of ``net``'s weights after each of ``steps`` calls of ``optimizer_step(loss)``."""
+    reference = [p.detach().double().clone() for p in net.parameters()]
+    for t in range(steps):
+        optimizer_step((net(x[4 * t:4 * t + 4]) - y[4 * t:4 * t + 4]).square().mean())
+        reference = float64_ema_step(reference, net.parameters(), momentum)
+    return reference
+
+
+@pytest.fixture
+def accelerator():
+    accelerate = pytest.importorskip("accelerate", reason="accelerate is not installed (pip install -e '.[test]')")
+    yield accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    # accelerate keeps its state in process-wide singletons; its own tests reset them the same way
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    accelerate.state.GradientState._reset_state()
+
+
+@pytest.mark.integration
+def test_attach_after_accelerate_prepare_goes_to_the_optimizer_inside(accelerator):
+    net = regression_net()
+    model, optimizer = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    assert type(optimizer).__name__ == "AcceleratedOptimizer"
+    ema = attach(optimizer, 0.3, model=net)
+    assert ema.optimizer is optimizer.optimizer
+    x, y = regression_data(32, 0)
+    reference = [p.detach().double().clone() for p in net.parameters()]
+    for t in range(8):  # 8 batches, gradients accumulated over 2: 4 optimizer steps
+        with accelerator.accumulate(model):
+            accelerator.backward((model(x[4 * t:4 * t + 4]) - y[4 * t:4 * t + 4]).square().mean())
+            optimizer.step()  # steps the SGD (and the EMA) only where accelerate syncs the gradients
+            optimizer.zero_grad()
+        if t % 2 == 1:
+            reference = float64_ema_step(reference, net.parameters(), 0.3)
+    assert ema.num_steps == 4
+    for s, r in zip(ema.ema_state_dict().values(), reference):
+        assert_ulps(s, r, scale=r.abs().max().expand_as(r), ulps=16)
+    saved = optimizer.state_dict()  # the AcceleratedOptimizer's checkpoint carries the EMA
+    assert saved["ema"]["step"] == 4
+    fresh = regression_net(seed=5)
+    _, other = accelerator.prepare(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9))
+    resumed = attach(other, 0.3, model=fresh)
+    other.load_state_dict(saved)
+    assert resumed.num_steps == 4 and bitwise_equal(ema_values(resumed), ema_values(ema))
+
+
+@pytest.mark.integration
+def test_attach_to_mmengines_optim_wrapper_goes_to_the_optimizer_inside():
+    optim = pytest.importorskip("mmengine.optim", reason="mmengine is not installed (pip install -e '.[test]')")
+    net = regression_net()
+    wrapper = optim.OptimWrapper(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    ema = attach(wrapper, 0.3, model=net)
+    assert ema.optimizer is wrapper.optimizer
+    x, y = regression_data(16, 0)
+    reference = regression_reference(0.3, 4, net, x, y, wrapper.update_params)  # backward, step, zero_grad
+    assert ema.num_steps == 4
+    for s, r in zip(ema.ema_state_dict().values(), reference):
+        assert_ulps(s, r, scale=r.abs().max().expand_as(r), ulps=16)
+    saved = wrapper.state_dict()
+    assert saved["ema"]["step"] == 4
+    fresh = regression_net(seed=5)
+    other = optim.OptimWrapper(torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9))
+    resumed = attach(other, 0.3, model=fresh)
+    other.load_state_dict(saved)
+    assert resumed.num_steps == 4 and bitwise_equal(ema_values(resumed), ema_values(ema))
+
+
+@pytest.mark.integration
+def test_attach_to_lightnings_optimizer_in_a_manual_optimization_fit_goes_to_the_optimizer_inside():
+    pytest.importorskip("lightning.pytorch", reason="lightning is not installed (pip install -e '.[test]')")
+    import lightning_cases as cases
+
+    class Manual(cases.Regressor):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.ema = self.reference = None
+
+        def on_train_start(self):
+            optimizer = self.optimizers()  # a LightningOptimizer around the SGD
+            assert type(optimizer).__mro__[1].__name__ == "LightningOptimizer"
+            self.ema = attach(optimizer, 0.3, model=self)
+            assert self.ema.optimizer is optimizer.optimizer
+            self.reference = [p.detach().double().clone() for p in self.parameters()]
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(self.loss(batch))
+            optimizer.step()  # Lightning's strategy steps the SGD inside
+            self.reference = float64_ema_step(self.reference, self.parameters(), 0.3)
+
+    module = Manual()
+    trainer = cases.trainer([], 1)
+    trainer.fit(module, cases.loader())
+    assert module.ema.num_steps == 4 == trainer.global_step
+    for s, r in zip(module.ema.ema_state_dict().values(), module.reference):
+        assert_ulps(s, r, scale=r.abs().max().expand_as(r), ulps=16)
+    assert trainer.strategy.optimizer_state(trainer.optimizers[0])["ema"]["step"] == 4  # what Lightning saves

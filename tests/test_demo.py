@@ -47,6 +47,30 @@ def test_resume_continues_bitwise(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_resume_runs_with_the_checkpoints_settings_and_refuses_options_they_override(tmp_path, capsys):
+    tiny(tmp_path, 3, "--lr", "0.01", "--momentum", "0.1", "--warm-up", "none", "--stop-after", "2")
+    for given, named in ((["--lr", "0.05"], "--lr 0.05 differs from the checkpoint's \\(--lr 0.01\\)"),
+                         (["--lr", "0.05", "--momentum", "0.02"],
+                          "--lr 0.05 --momentum 0.02 differ from the checkpoint's \\(--lr 0.01 --momentum 0.1\\)"),
+                         (["--seed", "4"], "--seed 4 differs"),
+                         (["--epochs", "1"], "--epochs 1: the checkpoint is after epoch 2 already")):
+        with pytest.raises(SystemExit, match=named):
+            run(["--resume", *given, "--out", str(tmp_path), "--quiet"])
+    capsys.readouterr()
+    # No --epochs: the run's own 3 (not the default 15), with its lr and momentum, printed as they are used.
+    result = run(["--resume", "--lr", "0.01", "--max-batches", "4", "--out", str(tmp_path), "--quiet", "--device",
+                  str(DEVICE)])
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert result["optimizer"].param_groups[0]["lr"] == 0.01 and result["optimizer"].schedule(0) == 0.1
+    printed = capsys.readouterr().out
+    assert "after epoch 2 of 3, with its settings: --lr 0.01 --batch-size 16 --momentum 0.1 " in printed
+    assert "loss, cpu, lr 0.01, EMA momentum 0.1 -> 0.005 (cosine, warm-up: none)" in printed
+    # --epochs beyond the run's: the cosine keeps the run's length, at its end momentum from there on
+    longer = tiny(tmp_path, 4, "--resume")
+    assert [h["epoch"] for h in longer["history"]] == [1, 2, 3, 4] and longer["history"][3]["momentum"] == 0.005
+    assert "(cosine over 3 epochs, warm-up: none)" in capsys.readouterr().out
+
+
 def test_command_line_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "triton_ema.demo", "--epochs", "1", "--max-batches", "2",
                           "--out", str(tmp_path), "--quiet", "--device", str(DEVICE)],

@@ -163,6 +163,44 @@ def lightning_test_without_ema():
     lightning_callback().on_load_checkpoint(trainer, None, checkpoint)
 
 
+def framework_wrapped(framework, make):
+    """``make(wrapper)`` for a framework's own optimizer wrapper around an SGD."""
+    def run():
+        base = torch.optim.SGD(make_model().parameters(), lr=0.1)
+        if framework == "accelerate":
+            import accelerate
+
+            try:
+                make(accelerate.Accelerator(cpu=True).prepare(base))
+            finally:  # accelerate's process-wide singletons, reset as its own tests do
+                accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+                accelerate.state.GradientState._reset_state()
+        elif framework == "lightning":
+            from lightning.pytorch.core.optimizer import LightningOptimizer
+
+            make(LightningOptimizer(base))
+        else:
+            from mmengine.optim import OptimWrapper, OptimWrapperDict
+
+            wrapper = OptimWrapper(base)
+            make(OptimWrapperDict(a=wrapper) if framework == "mmengine dict" else wrapper)
+    return run
+
+
+class Holder(torch.optim.Optimizer):
+    """A wrapper of the kind frameworks write: an Optimizer subclass that never runs Optimizer.__init__."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+
+def model_as_momentum(make):
+    def run():
+        model = make_model()
+        make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    return run
+
+
 def nested_swap():
     opt = wrapper()
     with opt.swap_ema(), opt.swap_ema():
@@ -262,10 +300,32 @@ ERRORS = [
     ("wrapped twice", lambda: EMAOptimizer(wrapper(), momentum=0.1), TypeError, "already an EMAOptimizer"),
     ("attached twice", attached_twice(attach), ValueError, "SGD already has an EMA attached"),
     ("wrapping an attached optimizer", attached_twice(EMAOptimizer), ValueError, "SGD already has an EMA attached"),
+    ("model as momentum", model_as_momentum(EMAOptimizer), TypeError,
+     "momentum is an nn.Module \\(Net\\), not a float or a schedule; pass the model as model="),
+    ("model as momentum of attach", model_as_momentum(attach), TypeError, "momentum is an nn.Module \\(Net\\)"),
+    ("model as a profile's momentum", construct(momentum={"a": 0.1, "b": make_model()}), TypeError,
+     "EMA profile 'b': momentum is an nn.Module \\(Net\\)"),
+    # optimizers a framework has wrapped
+    ("EMAOptimizer around accelerate's optimizer", framework_wrapped("accelerate", lambda o: EMAOptimizer(o, 0.1)),
+     TypeError, "optimizer is accelerate's AcceleratedOptimizer around a SGD.*before accelerator.prepare\\(\\), or "
+     "attach\\(optimizer"),
+    ("EMAOptimizer around Lightning's optimizer", framework_wrapped("lightning", lambda o: EMAOptimizer(o, 0.1)),
+     TypeError, "optimizer is Lightning's LightningOptimizer around a SGD.*configure_optimizers"),
+    ("EMAOptimizer around mmengine's OptimWrapper", framework_wrapped("mmengine", lambda o: EMAOptimizer(o, 0.1)),
+     TypeError, "optimizer is mmengine's OptimWrapper around a SGD.*use TritonEMAHook"),
+    ("attach to mmengine's OptimWrapperDict", framework_wrapped("mmengine dict", lambda o: attach(o, 0.1)), TypeError,
+     "OptimWrapperDict holds several optimizers: attach to one of them"),
+    ("attach through an unknown wrapper", lambda: attach(Holder(torch.optim.SGD(make_model().parameters(), lr=0.1)),
+                                                         0.1), TypeError,
+     "optimizer is a Holder around a SGD, which torch's optimizer hooks cannot be attached to; attach to the SGD "
+     "before Holder wraps it"),
     # schedules
     ("schedule above 1", stepped(lambda t: 2.0), ValueError, "gave 2.0 at step 0"),
     ("schedule NaN", stepped(lambda t: float("nan")), ValueError, "gave nan at step 0"),
     ("schedule not a number", stepped(lambda t: None), TypeError, "returned None at step 0"),
+    ("schedule above 1, at construction", construct(momentum=lambda t: 2.0), ValueError, "gave 2.0 at step 0"),
+    ("profile schedule not a number, at construction", construct(momentum={"a": 0.1, "b": lambda t: "x"}), TypeError,
+     "EMA profile 'b': momentum schedule .* returned 'x' at step 0"),
     ("cosine without length", lambda: Cosine(0.004), ValueError, "total_steps must be a positive integer"),
     ("negative warm-up", lambda: Warmup(0.1, warm_up=-1), ValueError, "warm_up must be a non-negative integer"),
     ("power decay 1", lambda: Power(decay=1.0), ValueError, "decay must be < 1"),

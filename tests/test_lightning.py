@@ -36,12 +36,14 @@ def loss_with(weights, batches):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """One 4-epoch fit that validates every epoch and checkpoints every epoch."""
+    """One 4-epoch fit that validates every epoch and checkpoints every epoch (ModelCheckpoint, and the module's
+    own on_validation_epoch_end)."""
     ckpts = tmp_path_factory.mktemp("ckpts")
     ema, reference = EMACallback(cases.MOMENTUM), cases.Reference()
     saver = ModelCheckpoint(dirpath=ckpts, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    trainer = cases.trainer([ema, reference, saver], EPOCHS, enable_checkpointing=True)
-    model = cases.Regressor()
+    # ModelCheckpoint first: Lightning runs checkpoint callbacks after all others whatever the list says
+    trainer = cases.trainer([saver, ema, reference], EPOCHS, enable_checkpointing=True)
+    model = cases.Sampling(ckpts)
     val = cases.loader(16, seed=1)
     trainer.fit(model, cases.loader(), val)
     final = {"model": clones(model.state_dict()), "ema": clones(ema.ema.ema_state_dict())}
@@ -71,6 +73,30 @@ def test_validation_runs_on_ema_weights_and_training_weights_come_back(fitted):
     logged = fitted["trainer"].callback_metrics["val_loss"].item()
     assert logged == pytest.approx(loss_with(reference.ema, list(fitted["val"])), rel=1e-5)
     assert logged != pytest.approx(loss_with(reference.training, list(fitted["val"])), rel=1e-3)
+
+
+def test_the_modules_epoch_end_hooks_run_on_the_ema(fitted):
+    reference, model = fitted["reference"], fitted["model"]
+    assert len(model.at_epoch_end["validate"]) == EPOCHS
+    n = len(reference.ema)
+    for held, (_, ema64) in zip(model.at_epoch_end["validate"], reference.at_validation):
+        assert_close_to(ema64, held[:n])  # on_validation_epoch_end of the module: the EMA
+        assert all(torch.equal(a, b) for a, b in zip(held[n:], held[:n]))  # still, after it saved a checkpoint
+    before = len(model.at_epoch_end["test"])
+    fitted["trainer"].test(model, fitted["val"], verbose=False)
+    (held,) = model.at_epoch_end["test"][before:]
+    assert_close_to(reference.ema, held)  # on_test_epoch_end of the module: the EMA
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fitted["final"]["model"].values()))
+
+
+def test_checkpoints_hold_the_training_weights(fitted):
+    # ModelCheckpoint's at each epoch's end, and the module's own from its on_validation_epoch_end
+    names = list(fitted["final"]["model"])
+    for epoch, (_, training) in enumerate(fitted["reference"].after_validation):
+        for name in (f"epoch={epoch}.ckpt", f"epoch_end={epoch}.ckpt"):
+            ckpt = torch.load(fitted["ckpts"] / name, weights_only=True)
+            assert all(torch.equal(ckpt["state_dict"][k], t) for k, t in zip(names, training)), name
+            assert ckpt["optimizer_states"][0]["ema"]["step"] == 4 * (epoch + 1)
 
 
 def test_test_runs_on_ema_weights_also_of_a_loaded_checkpoint(fitted):

@@ -217,3 +217,41 @@ def test_new_schedules_are_frozen_picklable_and_readable(schedule):
 def test_bad_combinator_settings(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_every_schedule_is_evaluated_once_at_construction_and_a_bad_one_fails_there():
+    import torch
+
+    from triton_ema import EMAOptimizer, attach
+    from triton_ema.hooks import attached_ema
+
+    calls = []
+
+    def recorded(t):
+        calls.append(t)
+        return 0.5
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = EMAOptimizer(torch.optim.SGD([p], lr=1.0), momentum={"a": recorded, "b": Constant(0.1)})
+    assert calls == [0]  # checked at t = 0 when built; the first step evaluates it again
+    p.grad = torch.ones(3)
+    opt.step()
+    assert calls == [0, 0]
+
+    def fails_from(start):
+        def schedule(t):
+            if t >= start:
+                raise ZeroDivisionError("no momentum here")
+            return 0.1
+        return schedule
+
+    for make in (EMAOptimizer, attach):
+        base = torch.optim.SGD([p], lr=1.0)
+        with pytest.raises(ZeroDivisionError, match="no momentum here"):  # the schedule's own error, when built
+            make(base, fails_from(0))
+        assert attached_ema(base) is None  # nothing was attached
+    late = EMAOptimizer(torch.optim.SGD([p], lr=1.0), fails_from(1))  # fine at t = 0: fails at its step
+    late.step()
+    with pytest.raises(ZeroDivisionError):
+        late.step()
+    assert late.num_steps == 1

@@ -35,13 +35,14 @@ class Reference(transformers.TrainerCallback):
         self.ema.update(model.parameters())
 
 
-def make_trainer(out, seed=0, **kw):
+def make_trainer(out, seed=0, eval_dataset=None, args=None, **kw):
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=16, num_train_epochs=EPOCHS,
         learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", eval_strategy="epoch", save_strategy="epoch",
-        logging_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+        logging_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True, **(args or {}))
     return EMATrainer(model=cases.Regressor(seed), args=args, train_dataset=cases.dataset(16, 0),
-                      eval_dataset=cases.dataset(16, 1), ema_momentum=cases.MOMENTUM, **kw)
+                      eval_dataset=cases.dataset(16, 1) if eval_dataset is None else eval_dataset,
+                      ema_momentum=cases.MOMENTUM, **kw)
 
 
 def assert_close_to(reference, tensors):
@@ -93,6 +94,43 @@ def test_resume_from_checkpoint_ends_bitwise_where_the_uninterrupted_run_ends(tr
     assert trainer.ema.num_steps == EPOCHS * STEPS_PER_EPOCH
     for key, state in (("model", trainer.model.state_dict()), ("ema", trainer.ema.ema_state_dict())):
         assert all(torch.equal(v, trained["final"][key][k]) for k, v in state.items()), key
+
+
+def test_a_dict_of_eval_datasets_is_evaluated_on_the_ema_swapped_once(tmp_path):
+    reference = Reference()
+    seeds = {"a": 1, "b": 2}
+    trainer = make_trainer(tmp_path, callbacks=[reference], eval_dataset={k: cases.dataset(16, s) for k, s in seeds.items()})
+    trainer.train()  # evaluates both at every epoch's end
+    logged = {name: [row[f"eval_{name}_loss"] for row in trainer.state.log_history if f"eval_{name}_loss" in row]
+              for name in seeds}
+    assert all(len(losses) == EPOCHS for losses in logged.values())
+    metrics = trainer.evaluate()
+    for name, seed in seeds.items():
+        ema_loss = regression_loss(reference.ema.ema, *regression_data(16, seed))
+        assert metrics[f"eval_{name}_loss"] == pytest.approx(ema_loss, rel=1e-5)
+        assert logged[name][-1] == pytest.approx(ema_loss, rel=1e-5)  # the last epoch's: the same EMA
+        assert ema_loss != pytest.approx(regression_loss(list(trainer.model.parameters()), *regression_data(16, seed)),
+                                         rel=1e-3)
+
+
+def test_load_best_model_at_end_brings_back_the_best_checkpoints_ema(tmp_path):
+    # An eval set with negated labels: training moves away from it, so the best evaluation is not the last.
+    trainer = make_trainer(tmp_path, eval_dataset=cases.dataset(16, 1, sign=-1), save_ema_model=True,
+                           args=dict(load_best_model_at_end=True, metric_for_best_model="eval_loss"))
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name != f"checkpoint-{EPOCHS * STEPS_PER_EPOCH}"
+    saved = torch.load(best / "optimizer.pt", weights_only=True)["ema"]
+    assert trainer.ema.num_steps == saved["step"] < EPOCHS * STEPS_PER_EPOCH
+    kept = trainer.ema.ema_checkpoint.state_dict()["shadow"]
+    assert all(torch.equal(kept[k], v) for k, v in saved["shadow"].items())
+    assert all(torch.equal(v, load_file(best / "model.safetensors")[k]) for k, v in trainer.model.state_dict().items())
+    # What was measured at that checkpoint is what evaluate() measures now, and what save_model() exports.
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, rel=1e-6)
+    ema = clones(trainer.ema.ema_state_dict())
+    trainer.save_model(str(tmp_path / "export"))
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], v) for k, v in ema.items())
 
 
 def launch(script, out, mixed_precision="no", gpus=0):

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from .backends import BACKENDS
 from .hooks import attached_ema
-from .schedules import Constant, Schedule, profile_schedules
+from .schedules import Constant, Schedule, momentum_at, profile_schedules
+from .wrapped import refuse_wrapped
 
 SHADOW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -20,11 +21,13 @@ SHADOW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_arguments(optimizer: Any, momentum: Any, decay: Any, interval: Any, model: Any, update_buffers: bool,
                     shadow_dtype: Any, device: Any, backend: Any) -> tuple[dict[str | None, Schedule], torch.device | None]:
     """The EMA profiles' schedules and the shadows' device, or an error naming the bad argument."""
+    refuse_wrapped(optimizer)  # a framework's optimizer wrapper: the error says where the EMA goes instead
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if attached_ema(optimizer) is not None:
         raise ValueError(f"{type(optimizer).__name__} already has an EMA attached; use that one, or detach() it first")
     schedules = profile_schedules(momentum, decay)
+    check_schedules(schedules)
     for profile, schedule in schedules.items():
         warn_if_decay_like(schedule, decay is not None, profile)
     if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
@@ -103,3 +106,19 @@ def shares_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
     ours = {id(p) for group in optimizer.param_groups for p in group["params"]}
     params = list(model.parameters())
     return not params or any(id(p) in ours for p in params)
+
+
+def check_schedules(schedules: dict[str | None, Schedule]) -> None:
+    """Each profile's schedule is no module (a model passed where the momentum goes: a module is callable) and
+    gives a momentum in [0, 1] at t = 0: a schedule that raises or leaves [0, 1] there fails now, not in step()."""
+    for profile, schedule in schedules.items():
+        which = "momentum" if profile is None else f"EMA profile {profile!r}: momentum"
+        if isinstance(schedule, nn.Module):
+            raise TypeError(f"{which} is an nn.Module ({type(schedule).__name__}), not a float or a schedule; "
+                            "pass the model as model= (EMAOptimizer(optimizer, momentum, model=model))")
+        try:
+            momentum_at(schedule, 0)
+        except (TypeError, ValueError) as err:
+            if profile is None:
+                raise
+            raise type(err)(f"EMA profile {profile!r}: {err}") from None

@@ -27,6 +27,11 @@ from . import EMAOptimizer, schedules
 
 CHECKPOINT = "checkpoint.pt"
 PLOT = "demo.png"
+# What a run is: saved in its checkpoint, and --resume continues with these, whatever the command line says
+# (schedule_epochs: the cosine's length, the --epochs of the run's first command).
+RUN_SETTINGS = ("lr", "batch_size", "momentum", "end_momentum", "warm_up", "seed", "max_batches", "posthoc",
+                "profiles", "snapshot_every", "schedule_epochs")
+NOT_POSTHOC, ONLY_POSTHOC = ("momentum", "end_momentum", "warm_up", "schedule_epochs"), ("profiles", "snapshot_every")
 
 
 class DigitsNet(nn.Module):
@@ -75,7 +80,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m triton_ema.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=int, default=15, help="epochs to train (with --resume: the total)")
+    p.add_argument("--epochs", type=int, default=15, help="epochs to train (with --resume: the total, by default the "
+                   "run's own; the cosine keeps the run's first length)")
     p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (deliberately noisy)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step")
     p.add_argument("--momentum", type=float, default=0.02, help="EMA momentum at the start of the cosine")
@@ -88,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=argparse.SUPPRESS,
                    help="folder for the checkpoint and the plot (default: runs/demo, with --posthoc runs/demo-posthoc)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, the model and the batches")
-    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT}")
+    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT}, with its run's settings "
+                   "(an option given that differs from them is an error)")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop after this epoch as if interrupted (then continue with --resume)")
     p.add_argument("--max-batches", type=int, default=None, help="batches per epoch (for quick checks)")
@@ -114,6 +121,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--profiles and --sweep: {err}")
     if "out" not in vars(args):
         args.out = Path("runs/demo-posthoc" if args.posthoc else "runs/demo")
+    args.schedule_epochs = args.epochs  # the cosine's length; a resumed run keeps its checkpoint's
+    unset = object()  # parsed again into a namespace that has every option already: only those given change
+    again = vars(p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)})))
+    args.given = {k for k, v in again.items() if v is not unset}  # the options on the command line
+    return args
+
+
+def applying(posthoc: bool) -> list[str]:
+    """The run settings that a run with or without ``--posthoc`` uses."""
+    return [name for name in RUN_SETTINGS if name not in (NOT_POSTHOC if posthoc else ONLY_POSTHOC)]
+
+
+def options(args, names) -> str:
+    """The settings ``names`` of ``args`` as the command line writes them."""
+    out = []
+    for name in names:
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"no {flag}")
+        elif value is not None and name != "schedule_epochs":
+            out.append(f"{flag} {' '.join(f'{v:g}' for v in value) if isinstance(value, list) else value}")
+    return " ".join(out)
+
+
+def resumed_args(args: argparse.Namespace, ckpt: dict) -> argparse.Namespace:
+    """``args`` with the checkpoint's run settings; an error naming every option given that they override."""
+    saved = ckpt.get("settings")
+    if saved is None:
+        raise SystemExit(f"--resume: {args.out / CHECKPOINT} does not record its run's settings (an older demo's "
+                         "checkpoint); start a new run without --resume")
+    clashes = [name for name in applying(saved["posthoc"]) if name in args.given and getattr(args, name) != saved[name]]
+    if clashes:
+        given, theirs = options(args, clashes), options(argparse.Namespace(**saved), clashes)
+        verb = "differs" if len(clashes) == 1 else "differ"
+        raise SystemExit(f"--resume continues the run in {args.out / CHECKPOINT} with its own settings: {given} "
+                         f"{verb} from the checkpoint's ({theirs}); leave them out, or start a new run without "
+                         "--resume (or with another --out)")
+    done = ckpt["epoch"]
+    if "epochs" in args.given and args.epochs < done:
+        raise SystemExit(f"--resume --epochs {args.epochs}: the checkpoint is after epoch {done} already; pass "
+                         f"--epochs {done} or more (the total to train), or leave it out to finish its run's "
+                         f"{ckpt['epochs']}")
+    vars(args).update(saved)
+    if "epochs" not in args.given:
+        args.epochs = ckpt["epochs"]
     return args
 
 
@@ -127,7 +179,7 @@ def build(args: argparse.Namespace, data: Data) -> tuple[nn.Module, EMAOptimizer
         profiles = {f"{s:g}": schedules.PowerFunction(sigma_rel=s) for s in args.profiles}
         return model, EMAOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), momentum=profiles,
                                    model=model, update_buffers=True)
-    schedule = schedules.Cosine(args.momentum, args.end_momentum, total_steps=args.epochs * batches)
+    schedule = schedules.Cosine(args.momentum, args.end_momentum, total_steps=args.schedule_epochs * batches)
     if args.warm_up == "power":
         schedule = schedules.Max(schedule, schedules.Power(decay=1 - args.end_momentum, power=1.0))
     opt = EMAOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), momentum=schedule, model=model,
@@ -169,20 +221,24 @@ def run(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    data = load_data(args.device, args.seed)
-    model, opt = build(args, data)
-    shuffle = torch.Generator().manual_seed(args.seed + 1)
-    history, start = [], 0
     ckpt_path = args.out / CHECKPOINT
     if args.resume:
         if not ckpt_path.exists():
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}; run without --resume first (or set --out)")
         ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=True)
+        args = resumed_args(args, ckpt)
+    data = load_data(args.device, args.seed)
+    model, opt = build(args, data)
+    shuffle = torch.Generator().manual_seed(args.seed + 1)
+    history, start = [], 0
+    if args.resume:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         shuffle.set_state(ckpt["shuffle"])
         history, start = ckpt["history"], ckpt["epoch"]
-        print(f"resumed from {ckpt_path} after epoch {start}")
+        args.lr = opt.param_groups[0]["lr"]  # what the optimizer really steps with
+        print(f"resumed from {ckpt_path} after epoch {start} of {args.epochs}, with its settings: "
+              f"{options(args, [name for name in applying(args.posthoc) if name != 'posthoc' or args.posthoc])}")
     if args.posthoc:
         from . import demo_posthoc
 
@@ -199,7 +255,8 @@ def run(argv: list[str] | None = None) -> dict:
             row["momentum"] = opt.schedule(opt.num_steps - 1)
         history.append(row)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "shuffle": shuffle.get_state(),
-                    "history": history, "epoch": epoch + 1}, ckpt_path)
+                    "history": history, "epoch": epoch + 1, "epochs": args.epochs,
+                    "settings": {name: getattr(args, name) for name in RUN_SETTINGS}}, ckpt_path)
         bar.set_postfix({k.removesuffix("_acc"): f"{v:.1f}" for k, v in row.items() if k.endswith("_acc")})
         bar.update()
     bar.close()
@@ -215,8 +272,9 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def report(history: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"held-out accuracy (%) and loss, {args.device}, lr {args.lr}, EMA momentum "
-             f"{args.momentum} -> {args.end_momentum} (cosine, warm-up: {args.warm_up})",
+    length = "" if args.schedule_epochs == args.epochs else f" over {args.schedule_epochs} epochs"
+    lines = [f"held-out accuracy (%) and loss, {args.device}, lr {args.lr:g}, EMA momentum "
+             f"{args.momentum:g} -> {args.end_momentum:g} (cosine{length}, warm-up: {args.warm_up})",
              "epoch | train weights: acc  loss  | EMA weights: acc  loss | EMA momentum",
              "------+---------------------------+------------------------+-------------"]
     for h in history:

@@ -15,6 +15,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .checkpoint import check_load, ema_state
+from .wrapped import unwrap_optimizer
 
 if TYPE_CHECKING:
     from .optimizer import EMAOptimizer
@@ -69,9 +70,13 @@ def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | None =
     optimizer checkpoints the EMA. Returns the EMA, an :class:`EMAOptimizer`:
     ``swap_ema()``, ``ema_state_dict()``, ``num_steps`` work as on a wrapper;
     its ``step()``, ``state_dict()`` and ``load_state_dict()`` are the
-    optimizer's (one update per step, however it is called)."""
+    optimizer's (one update per step, however it is called). A framework's
+    wrapper (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``, mmengine's ``OptimWrapper``) is attached through,
+    to the optimizer inside it (``triton_ema.wrapped``)."""
     from .optimizer import EMAOptimizer  # the optimizer uses these hooks: imported when called
 
+    optimizer = unwrap_optimizer(optimizer)  # a framework's wrapper: the optimizer inside, where that is right
     ema = EMAOptimizer(optimizer, momentum, **kwargs)
     ema._hooks = AttachHooks(ema).register(optimizer)
     return ema

@@ -41,7 +41,8 @@ class EMACallback(pl.Callback):
     ``interval``, ``update_buffers``, ``shadow_dtype``, ``device``, ``backend``,
     ``skip_nonfinite``); ``model=`` is the LightningModule. Validation (and the
     sanity check) and testing run on the EMA weights unless ``validate_on_ema`` /
-    ``test_on_ema`` is False; with ``ema_at_end=True`` the model holds the EMA
+    ``test_on_ema`` is False: the module's steps and its ``on_validation_epoch_end``
+    / ``on_test_epoch_end``; checkpoints keep the training weights. With ``ema_at_end=True`` the model holds the EMA
     weights when ``fit`` returns. ``callback.ema`` is the EMA (an attached
     :class:`~triton_ema.EMAOptimizer`) once ``fit`` has started. ``test`` and
     ``validate(ckpt_path=...)`` run on that checkpoint's EMA, also in a process
@@ -60,6 +61,7 @@ class EMACallback(pl.Callback):
         self.optimizer_index = optimizer_index
         self.ema: EMAOptimizer | None = None
         self._swapped = contextlib.ExitStack()
+        self._on_ema: str | None = None  # "validate" or "test" while the EMA is in the model
         self._load_hook = None
         self._checkpoint_ema: dict[str, torch.Tensor] | None = None  # test/validate(ckpt_path=) without a fit
 
@@ -94,32 +96,43 @@ class EMACallback(pl.Callback):
         if self.ema_at_end:
             pl_module.load_state_dict(self.ema.ema_state_dict())
 
+    # The swap lasts from the epoch's start to the callback's on_{validation,test}_end: Lightning calls the
+    # module's on_validation_epoch_end after every callback's, so the module's steps and epoch-end hooks (where
+    # diffusion models sample) run on the EMA; the callback's on_validation_end runs before ModelCheckpoint's,
+    # where it saves (Lightning puts checkpoint callbacks last), and on_save_checkpoint keeps the training
+    # weights in a checkpoint saved while the EMA is in the model.
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.validate_on_ema:
             self._swap_in("validate", pl_module)
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swapped.close()
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.test_on_ema:
             self._swap_in("test", pl_module)
 
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swapped.close()
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
 
     def _swap_in(self, what: str, pl_module: pl.LightningModule) -> None:
         if self.ema is None and self._checkpoint_ema is not None:
             self._swapped.enter_context(self._checkpoint_ema_swapped(pl_module))
+            self._on_ema = what
             return
         if self.ema is None:
             raise RuntimeError(f"EMACallback({what}_on_ema=True): there is no EMA to {what} on; fit with this "
                                f"callback in this process first, or {what}(ckpt_path=...) a checkpoint saved with it, "
                                f"or pass {what}_on_ema=False")
         self._swapped.enter_context(self.ema.swap_ema())  # reshards FSDP2 modules on both sides of the swap
+        self._on_ema = what
+
+    def _swap_out(self) -> None:
+        self._on_ema = None
+        self._swapped.close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._swapped.close()  # the training weights go back into the model
+        self._swap_out()  # the training weights go back into the model
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # ModelParallelStrategy saves torch's get_optimizer_state_dict (state and param_groups only) with DCP:
@@ -127,6 +140,14 @@ class EMACallback(pl.Callback):
         states = checkpoint.get("optimizer_states")
         if self.ema is not None and states and "ema" not in states[self.optimizer_index]:
             states[self.optimizer_index]["ema"] = self.ema.ema_checkpoint.state_dict()
+        if self._on_ema is not None:
+            # Saved inside the swap (from the module's epoch-end hook, or a callback before this one): the model's
+            # state_dict holds the EMA; the checkpoint gets the training weights, and the EMA goes back in.
+            what = self._on_ema
+            self._swap_out()
+            checkpoint["state_dict"] = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
+                                                trainer.strategy.lightning_module_state_dict())
+            self._swap_in(what, pl_module)
 
     def _with_sharded_ema(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
                           state_dict: dict[str, Any]) -> dict[str, Any] | None:

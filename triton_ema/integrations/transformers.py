@@ -14,14 +14,18 @@ before ``accelerator.prepare``.
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 import torch
 import transformers
+from transformers.trainer import OPTIMIZER_NAME
 
 from ..hooks import attach, attached_ema
 from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
+from ..wrapped import unwrap_optimizer
 
 __all__ = ["EMATrainer", "EMATrainerMixin"]
 
@@ -34,7 +38,8 @@ class EMATrainerMixin:
     ``evaluate()`` runs on the EMA weights unless ``evaluate_on_ema=False``;
     with ``save_ema_model=True``, ``save_model()`` called by the user writes the
     EMA weights (the checkpoints the Trainer writes to resume from keep the
-    training weights). ``trainer.ema`` is the EMA once the optimizer exists.
+    training weights). With ``load_best_model_at_end=True`` the best checkpoint's
+    EMA comes back with its weights. ``trainer.ema`` is the EMA once the optimizer exists.
     """
 
     def __init__(self, *args: Any, ema_momentum: float | Schedule | None = None, ema_kwargs: dict | None = None,
@@ -45,14 +50,16 @@ class EMATrainerMixin:
         self.ema_momentum, self.ema_kwargs = ema_momentum, ema_kwargs
         self.evaluate_on_ema, self.save_ema_model = evaluate_on_ema, save_ema_model
         self.ema: EMAOptimizer | None = None
+        self._on_ema = False  # inside evaluate()'s swap
         super().__init__(*args, **kwargs)
+        # First, so that every other callback's on_train_end sees the best checkpoint's EMA too.
+        self.callback_handler.callbacks.insert(0, BestEMA(self))
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(*args, **kwargs)
-        base = getattr(optimizer, "optimizer", optimizer)  # already wrapped by accelerate on a second train()
-        self.ema = attached_ema(base)
+        self.ema = attached_ema(unwrap_optimizer(optimizer))  # already wrapped by accelerate on a second train()
         if self.ema is None:
-            self.ema = attach(base, self.ema_momentum, model=self.model, **self.ema_kwargs)
+            self.ema = attach(optimizer, self.ema_momentum, model=self.model, **self.ema_kwargs)
         return optimizer
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
@@ -61,8 +68,14 @@ class EMATrainerMixin:
         if self.ema is None:
             raise RuntimeError("EMATrainer(evaluate_on_ema=True): there is no EMA to evaluate on before train() "
                                "builds the optimizer; pass evaluate_on_ema=False")
-        with self.ema.swap_ema():
+        if self._on_ema:  # a dict of eval datasets: Trainer.evaluate calls evaluate() once for each, inside this swap
             return super().evaluate(*args, **kwargs)
+        self._on_ema = True
+        try:
+            with self.ema.swap_ema():
+                return super().evaluate(*args, **kwargs)
+        finally:
+            self._on_ema = False
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not self.save_ema_model or _internal_call:
@@ -72,6 +85,29 @@ class EMATrainerMixin:
                                "optimizer; pass save_ema_model=False")
         with self.ema.swap_ema():
             return super().save_model(output_dir, _internal_call)
+
+
+class BestEMA(transformers.TrainerCallback):
+    """With ``load_best_model_at_end=True``: once the Trainer has loaded the best checkpoint's weights (before
+    ``on_train_end``), the EMA of that checkpoint, from its ``optimizer.pt``: the EMA that was evaluated there is
+    the one ``evaluate()`` and ``save_model()`` use afterwards."""
+
+    def __init__(self, trainer: EMATrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_train_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
+                     control: transformers.TrainerControl, **kwargs: Any) -> None:
+        ema, best = self.trainer.ema, state.best_model_checkpoint
+        if not args.load_best_model_at_end or best is None or ema is None:  # the Trainer's own condition
+            return
+        path = os.path.join(best, OPTIMIZER_NAME)
+        saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
+        if "ema" not in saved:
+            warnings.warn(f"load_best_model_at_end: {path} {'holds no EMA' if saved else 'does not exist'} "
+                          "(save_only_model=True writes none): the model has the best checkpoint's weights, the EMA "
+                          "stays the last step's", UserWarning, stacklevel=2)
+            return
+        ema.ema_checkpoint.load_state_dict(saved["ema"])
 
 
 class EMATrainer(EMATrainerMixin, transformers.Trainer):
