@@ -119,6 +119,26 @@ def test_offline_reader_joins_every_rank_and_loads_into_the_plain_model(runs, na
     assert all(torch.equal(p, saved[k]) for k, p in model.state_dict().items())
 
 
+@pytest.mark.parametrize("name", CPU_CONFIGS)
+def test_load_ema_weights_and_the_export_command_read_a_deepspeed_folder(runs, name, tmp_path):
+    import deepspeed_cases
+
+    from triton_ema import load_ema_weights
+    from triton_ema.export import main as export_main
+
+    folder, results = runs
+    saved = results[name]["saved"]  # the live full EMA when save_checkpoint(tag="mid") ran
+    for source, kwargs in ((folder / name, {}), (folder / name / "mid", {}), (folder / name, {"weights_only": False}),
+                           (folder / name, {"model": deepspeed_cases.Net()})):
+        weights = load_ema_weights(source, **kwargs)
+        assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved), (source, kwargs)
+    assert export_main([str(folder / name), str(tmp_path / "ema.pt")]) == 0
+    exported = torch.load(tmp_path / "ema.pt", weights_only=True)
+    model = deepspeed_cases.Net()
+    model.load_state_dict(exported, strict=True)
+    assert all(torch.equal(p, saved[k]) for k, p in model.state_dict().items())
+
+
 def test_offline_reader_refuses_a_missing_tag_and_a_checkpoint_without_ema(runs, tmp_path):
     folder = runs[0]
     with pytest.raises(FileNotFoundError, match="no checkpoint 'nope'"):

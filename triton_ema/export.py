@@ -70,7 +70,8 @@ def save_weights(weights: Mapping[str, Tensor], out: str | os.PathLike, format: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m triton_ema.export", description=(
         "Write the EMA weights of a checkpoint (an optimizer state dict, a Lightning, mmengine, transformers "
-        "Trainer or accelerate checkpoint, a torch.distributed.checkpoint folder) as safetensors or a torch file, "
+        "Trainer or accelerate checkpoint, a torch.distributed.checkpoint or DeepSpeed checkpoint folder) as "
+        "safetensors or a torch file, "
         "keyed like the model's state_dict()."))
     parser.add_argument("checkpoint", help="the checkpoint file or folder")
     parser.add_argument("out", help="the file to write (.safetensors, .pt, .pth or .bin)")

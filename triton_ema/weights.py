@@ -5,8 +5,8 @@ optimizer's ``state_dict()`` (a file or a dict; the transformers Trainer's
 ``optimizer.pt`` and accelerate's ``optimizer.bin`` are such files),
 Lightning's ``.ckpt``, mmengine's checkpoints, ``torch.distributed.checkpoint``
 folders (``dcp.save`` beside ``opt.ema_checkpoint``, Lightning's
-``ModelParallelStrategy``) and the Trainer's and accelerate's checkpoint
-folders. Each form is one reader below: files and dicts by what the dict
+``ModelParallelStrategy``), the Trainer's and accelerate's checkpoint
+folders and DeepSpeed's ``save_checkpoint`` folders. Each form is one reader below: files and dicts by what the dict
 holds (``DICT_FORMS``), folders by what they contain (``FOLDER_FORMS``).
 """
 
@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from .keying import Candidate, Found, choose_profile, is_ema_entry, keyed_weights, mapping_candidate
+from .deepspeed_checkpoint import read_deepspeed_ema
+from .keying import Candidate, Found, choose_profile, completed, is_ema_entry, keyed_weights, mapping_candidate
 from .names import unwrapped
 from .reading import DCPFolder, load_safetensors, load_torch_file
 
@@ -162,10 +163,25 @@ class FolderForm(NamedTuple):
     read: Callable[..., dict[str, Tensor]] | None  # (path, *, profile, model, weights_only); None: not available
 
 
+_DEEPSPEED_FILES = ("*optim_states.pt", "mp_rank_*_model_states.pt")  # ZeRO 1-3; stage 0 (the optimizer inside)
+
+
 def _is_deepspeed(path: Path) -> bool:
     """DeepSpeed's ``save_checkpoint(dir)``: a ``latest`` file naming the tag folder of ``*optim_states.pt`` files
-    (or that tag folder itself)."""
-    return any(path.glob("*optim_states.pt")) or ((path / "latest").is_file() and any(path.glob("*/*optim_states.pt")))
+    (``mp_rank_*_model_states.pt`` at stage 0), or that tag folder itself."""
+    return (any(f for pattern in _DEEPSPEED_FILES for f in path.glob(pattern)) or
+            ((path / "latest").is_file() and any(f for pattern in _DEEPSPEED_FILES for f in path.glob(f"*/{pattern}"))))
+
+
+def _read_deepspeed(path: Path, *, profile: str | None, model: nn.Module | None,
+                    weights_only: bool) -> dict[str, Tensor]:
+    """A DeepSpeed checkpoint folder (``save_dir`` with its ``latest`` file, or one tag's folder): every rank's
+    partition of the EMA joined (``read_deepspeed_ema``), keyed like the unwrapped model."""
+    if (path / "latest").is_file():
+        weights = read_deepspeed_ema(path, profile=profile, trusted=not weights_only)
+    else:
+        weights = read_deepspeed_ema(path.parent, tag=path.name, profile=profile, trusted=not weights_only)
+    return completed(weights, model, str(path))
 
 
 def _read_dcp(path: Path, *, profile: str | None, model: nn.Module | None, weights_only: bool) -> dict[str, Tensor]:
@@ -250,7 +266,7 @@ def _file_candidate(files: list[Path], weights_only: bool) -> Candidate:
 FOLDER_FORMS: list[FolderForm] = [
     # Reader: (path, *, profile, model, weights_only) -> weights; one that returns model-keyed weights of its own
     # finishes them with keying.completed(weights, model, str(path)).
-    FolderForm("a DeepSpeed checkpoint folder", _is_deepspeed, None),
+    FolderForm("a DeepSpeed checkpoint folder", _is_deepspeed, _read_deepspeed),
     FolderForm("a torch.distributed.checkpoint folder", lambda p: (p / ".metadata").is_file(), _read_dcp),
     FolderForm("a transformers Trainer or accelerate checkpoint folder", _is_training_folder, _read_training_folder),
 ]
