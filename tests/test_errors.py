@@ -163,6 +163,26 @@ def lightning_test_without_ema():
     lightning_callback().on_load_checkpoint(trainer, None, checkpoint)
 
 
+def lightning_deepspeed(what):
+    """EMACallback's refusals under DeepSpeedStrategy (a Trainer built on the CPU; its fit would need the CUDA
+    check of setup_environment dropped, as tests/lightning_deepspeed.py does)."""
+    def run():
+        import lightning.pytorch as pl
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        trainer = pl.Trainer(strategy=DeepSpeedStrategy(stage=3), accelerator="cpu", devices=1, logger=False,
+                             enable_progress_bar=False)
+        callback = lightning_callback()
+        if what == "test a ZeRO-3 checkpoint without a fit":
+            trainer.state.fn = TrainerFn.TESTING
+            callback.on_load_checkpoint(trainer, None, {})
+        else:  # a checkpoint saved while validation runs on the EMA
+            callback._on_ema = "validate"
+            callback.on_save_checkpoint(trainer, None, {})
+    return run
+
+
 def framework_wrapped(framework, make):
     """``make(wrapper)`` for a framework's own optimizer wrapper around an SGD."""
     def run():
@@ -396,6 +416,10 @@ ERRORS = [
      "there is no EMA to test on; fit with this callback"),
     ("lightning FSDP2 with full checkpoints", lambda: lightning_setup(model_parallel(save_distributed_checkpoint=False)),
      NotImplementedError, r"ModelParallelStrategy\(save_distributed_checkpoint=False\): the EMA is saved only"),
+    ("lightning deepspeed test without a fit", lightning_deepspeed("test a ZeRO-3 checkpoint without a fit"),
+     NotImplementedError, r"test/validate\(ckpt_path=\) of a ZeRO-3 checkpoint in a process that has not fitted"),
+    ("lightning deepspeed save inside the swap", lightning_deepspeed("save"), RuntimeError,
+     "EMACallback under DeepSpeedStrategy: a checkpoint saved while validation or testing runs on the EMA"),
     ("transformers trainer given model=", lambda: hf_trainer(ema_kwargs={"model": make_model()}), TypeError,
      "EMATrainer takes no model= in ema_kwargs"),
     ("transformers evaluate before train", lambda: hf_trainer().evaluate(), RuntimeError,

@@ -1,7 +1,8 @@
 """Lightning: EMACallback with the real Trainer on CPU: the EMA against a float64
-reference, validation and testing on EMA weights, ckpt_path= resume, DDP and FSDP2
-(ModelParallelStrategy, distributed checkpoints) on 2 processes."""
+reference, validation and testing on EMA weights, ckpt_path= resume, DDP, FSDP2
+(ModelParallelStrategy, distributed checkpoints) and DeepSpeedStrategy (ZeRO 2 and 3) on 2 processes."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -128,7 +129,10 @@ def two_rank_runs(tmp_path_factory):
     The launcher starts the second rank when the first reaches fit, so a script's ranks import Lightning
     one after the other, on one core; two scripts at once keep both cores busy."""
     runs = {}
-    for script in ("lightning_ddp.py", "lightning_fsdp2.py"):
+    scripts = ["lightning_ddp.py", "lightning_fsdp2.py"]
+    if importlib.util.find_spec("deepspeed") is not None:
+        scripts.append("lightning_deepspeed.py")
+    for script in scripts:
         out = tmp_path_factory.mktemp(script.removesuffix(".py"))
         with (out / "stdout.txt").open("w") as stdout, (out / "stderr.txt").open("w") as stderr:
             runs[script] = out, subprocess.Popen([sys.executable, str(Path(__file__).with_name(script)), str(out)],
@@ -190,6 +194,72 @@ def test_load_ema_weights_of_a_model_parallel_distributed_checkpoint(two_rank_ru
     model = cases.Regressor(seed=5)
     assert list(weights) == list(model.state_dict())
     assert all(torch.equal(w, e) for w, e in zip(weights.values(), ranks[0]["ema"]))  # the EMA when fit ended
+    model.load_state_dict(weights, strict=True)
+
+
+def deepspeed_ranks(two_rank_runs):
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    ranks, _ = run_two_ranks(two_rank_runs, "lightning_deepspeed.py")
+    return ranks
+
+
+def probe_with(weights, dtype):
+    """What a plain regression net holding ``weights`` (cast to ``dtype``) computes on the scripts' probe batch."""
+    import lightning_deepspeed
+
+    net = cases.Regressor().net
+    net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})
+    with torch.no_grad():
+        return net.to(dtype)(lightning_deepspeed.PROBE.to(dtype)).float()
+
+
+@pytest.mark.parametrize("name", ["stage2-fp32", "stage3-bf16"])
+def test_deepspeed_strategy_on_two_cpu_processes(two_rank_runs, name):
+    ranks = deepspeed_ranks(two_rank_runs)
+    assert all(torch.equal(ranks[0][name]["ema"][k], v) for k, v in ranks[1][name]["ema"].items())
+    val = list(cases.loader(16, seed=1))
+    for rank in ranks:
+        r = rank[name]
+        dtype = getattr(torch, r["dtype"].removeprefix("torch."))
+        assert r["world_size"] == 2 and r["steps"] == r["resumed_steps"] == 3 * 2  # 32 rows, 2 ranks, batches of 8
+        assert r["optimizer"] == ("DeepSpeedZeroOptimizer_Stage3" if "stage3" in name else "DeepSpeedZeroOptimizer")
+        assert r["partitioned"] == ("stage3" in name) and dtype == (torch.bfloat16 if "bf16" in name else torch.float32)
+        # the EMA of the full fp32 master weights, against a float64 EMA of them after every step
+        assert r["ema"].keys() == set(cases.Regressor().state_dict())
+        assert_close_to(r["reference"], r["ema"].values())
+        for validation, probed in zip(r["validations"], r["probed_validation"], strict=True):
+            assert_close_to(validation["reference"], validation["ema"].values())
+            # the module computed with the EMA during validation, and holds the training masters after it, bitwise
+            assert torch.equal(probed, probe_with(validation["ema"], dtype))
+            assert not torch.equal(probed, probe_with(dict(zip(r["ema"], validation["masters"])), dtype))
+            assert all(torch.equal(a, b) for a, b in zip(validation["masters_after"], validation["masters"]))
+        if dtype == torch.float32:
+            assert r["val_loss"] == pytest.approx(loss_with(r["validations"][-1]["reference"], val), rel=1e-5)
+        # test() after the fit runs on the EMA; test(ckpt_path=) on that checkpoint's EMA (also in a fresh
+        # Trainer, ZeRO 0-2); the training weights come back after both
+        assert torch.equal(r["probed_test"][0], probe_with(r["ema"], dtype))
+        if "fresh_test" in r:
+            epoch_1 = r["validations"][1]["saved"]
+            assert torch.equal(r["probed_test"][1], probe_with(epoch_1, dtype))
+            assert torch.equal(r["fresh_test"][0], probe_with(epoch_1, dtype))
+        assert all(torch.equal(a, b) for a, b in zip(r["after_test"], r["masters"]))
+        # fit(ckpt_path=) of epoch 0's checkpoint, other initial weights: bitwise where the uninterrupted fit ended
+        assert all(torch.equal(r["resumed_ema"][k], v) for k, v in r["ema"].items())
+        assert all(torch.equal(a, b) for a, b in zip(r["resumed_masters"], r["masters"]))
+        # validating on the EMA changed nothing in the training; ema_at_end=True makes the EMA the training weights
+        assert all(torch.equal(r["ema_validated_on_training_weights"][k], v) for k, v in r["ema"].items())
+        assert all(torch.equal(m, e) for m, e in zip(r["masters_at_end"], r["ema"].values()))
+
+
+@pytest.mark.parametrize("name", ["stage2-fp32", "stage3-bf16"])
+def test_load_ema_weights_of_a_deepspeed_strategy_checkpoint(two_rank_runs, name):
+    ranks = deepspeed_ranks(two_rank_runs)
+    out, _ = two_rank_runs["lightning_deepspeed.py"]
+    for epoch, validation in enumerate(ranks[0][name]["validations"]):
+        weights = load_ema_weights(out / name / f"epoch={epoch}.ckpt")  # the EMA the ModelCheckpoint saved
+        assert weights.keys() == validation["saved"].keys()
+        assert all(torch.equal(weights[k], v) for k, v in validation["saved"].items())
+    model = cases.Regressor(seed=5)
     model.load_state_dict(weights, strict=True)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["read_deepspeed_ema", "assemble"]
+__all__ = ["read_deepspeed_ema", "assemble", "rank_ema"]
 
 LAYOUT_FORMAT = 1
 # Where the layout says a parameter lies, by how DeepSpeed partitions the master weights:
@@ -84,6 +84,21 @@ def read_deepspeed_ema(folder: str | os.PathLike, *, tag: str | None = None, pro
             raise ValueError(f"rank {rank}'s EMA layout differs from rank {ranks[0]}'s: the files are of different runs")
         shadows[rank] = _profile_shadows(ema, profile)
     return assemble(layout, shadows)
+
+
+def rank_ema(folder: str | os.PathLike, tag: str | None, rank: int, *, trusted: bool = False) -> tuple[dict, dict]:
+    """The ``"ema"`` and ``"ema_layout"`` entries that rank ``rank`` saved in checkpoint ``tag`` of ``folder``."""
+    files = optim_files(folder, tag)
+    numbered = [f for f in files if re.search(rf"zero_pp_rank_{int(rank)}_", os.path.basename(f))]
+    if len(files) == 1 and not re.search(r"zero_pp_rank_\d+_", os.path.basename(files[0])):
+        numbered = files  # stage 0: one file for every rank
+    if len(numbered) != 1:
+        raise FileNotFoundError(f"{os.fspath(folder)!r} holds no optimizer-states file of rank {rank} "
+                                f"({[os.path.basename(f) for f in files]})")
+    ema, layout = _ema_entry(numbered[0], trusted)
+    if layout.get("rank") != rank:
+        raise ValueError(f"{numbered[0]!r} holds the EMA of rank {layout.get('rank')}, not of rank {rank}")
+    return ema, layout
 
 
 def optim_files(folder: str | os.PathLike, tag: str | None) -> list[str]:

@@ -42,7 +42,7 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch import Tensor
 
-from ..deepspeed_checkpoint import LAYOUT_FORMAT, assemble
+from ..deepspeed_checkpoint import LAYOUT_FORMAT, assemble, rank_ema
 from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
 
@@ -99,6 +99,7 @@ class DeepSpeedEMA:
                                  "plain torch setup")
         self.engine = engine
         self.kind, self.inner, masters = _masters(engine)
+        self._masters = masters
         self._master_ids = {id(t) for t in masters}
         self.ema = EMAOptimizer(_Masters(masters), momentum, **kwargs)
         self.layout = self._layout(masters)
@@ -161,6 +162,25 @@ class DeepSpeedEMA:
         if full:
             return assemble(self.layout, _all_gather(shadows, self.world_size, self.engine.optimizer.dp_process_group))
         return self._local_pieces(shadows)
+
+    def load_checkpoint_ema(self, folder: str, tag: str | None = None) -> None:
+        """This rank's EMA (and step count) from ``engine.save_checkpoint(folder, tag)`` (default tag: the one
+        in ``folder/latest``), without loading the engine's weights or optimizer states."""
+        self._refuse_while_swapped("load_checkpoint_ema()")
+        rank = 0 if self.kind == "whole" else dist.get_rank(group=self.engine.optimizer.dp_process_group)
+        ema, layout = rank_ema(folder, tag, rank)
+        self._check_load(self.inner, {"ema": ema, "ema_layout": layout})
+        self._load(self.inner)
+
+    @torch.no_grad()
+    def load_into_model(self, name: str | None = None) -> None:
+        """The EMA (of profile ``name``) becomes the training weights: copied into this rank's master
+        weights, and what the module computes with refreshed from them (a collective under ZeRO: every
+        rank calls it). The EMA itself is unchanged; further steps train from the EMA weights."""
+        self._refuse_while_swapped("load_into_model()")
+        for master, shadow in zip(self._masters, self.shadows(name)):
+            master.copy_(shadow)
+        self._refresh()
 
     def shadows(self, name: str | None = None) -> list[Tensor]:
         """This rank's EMA of each master tensor, in the order of the masters (copies)."""

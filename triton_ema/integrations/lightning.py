@@ -9,7 +9,11 @@ it updates inside that optimizer's ``step()`` and rides in its
 resumes it bitwise. Under ``ModelParallelStrategy`` (FSDP2), whose
 distributed checkpoints keep only the optimizer's ``state`` and
 ``param_groups``, the callback saves each rank's EMA shards beside them and
-loads them back.
+loads them back. Under ``DeepSpeedStrategy`` the EMA is attached to the
+engine the strategy builds (:mod:`triton_ema.integrations.deepspeed`): the
+EMA of each rank's fp32 master partition, carried by the engine's
+``save_checkpoint`` / ``load_checkpoint``, which the strategy saves and
+loads with.
 """
 
 from __future__ import annotations
@@ -69,9 +73,9 @@ class EMACallback(pl.Callback):
         strategy = trainer.strategy
         if stage != "fit":
             return
-        if isinstance(strategy, FSDPStrategy | DeepSpeedStrategy):
-            raise NotImplementedError(f"EMACallback under {type(strategy).__name__}: its checkpoints save the "
-                                      "optimizer without the EMA; use ModelParallelStrategy (FSDP2) or DDP")
+        if isinstance(strategy, FSDPStrategy):
+            raise NotImplementedError("EMACallback under FSDPStrategy: its checkpoints save the optimizer without "
+                                      "the EMA; use ModelParallelStrategy (FSDP2), DeepSpeedStrategy or DDP")
         # Lightning keeps this setting private; a full (not distributed) checkpoint would gather no EMA shards.
         if isinstance(strategy, ModelParallelStrategy) and not getattr(strategy, "_save_distributed_checkpoint", True):
             raise NotImplementedError("EMACallback under ModelParallelStrategy(save_distributed_checkpoint=False): "
@@ -86,14 +90,24 @@ class EMACallback(pl.Callback):
                              f"returned {len(optimizers)} optimizer(s)")
         if self.ema is not None:
             self.ema.detach()  # an earlier fit's optimizer
-            self._load_hook.remove()
+            if self._load_hook is not None:
+                self._load_hook.remove()
+            self._load_hook = None
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            from .deepspeed import attach as attach_engine  # imports DeepSpeed, which this strategy needs anyway
+
+            # The strategy has built the engine; its load_checkpoint (ckpt_path=) runs after this hook.
+            self.ema = attach_engine(trainer.strategy.deepspeed_engine, self.momentum, **self.ema_kwargs)
+            return
         optimizer = optimizers[self.optimizer_index]
         self.ema = attach(optimizer, self.momentum, model=pl_module, **self.ema_kwargs)
         self._load_hook = optimizer.register_load_state_dict_pre_hook(
             functools.partial(self._with_sharded_ema, trainer), prepend=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.ema_at_end:
+        if self.ema_at_end and isinstance(trainer.strategy, DeepSpeedStrategy):
+            self.ema.load_into_model()  # the masters and what the module computes with (a collective)
+        elif self.ema_at_end:
             pl_module.load_state_dict(self.ema.ema_state_dict())
 
     # The swap lasts from the epoch's start to the callback's on_{validation,test}_end: Lightning calls the
@@ -137,9 +151,15 @@ class EMACallback(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # ModelParallelStrategy saves torch's get_optimizer_state_dict (state and param_groups only) with DCP:
         # the EMA goes beside them, each rank writing its own shards.
+        deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)  # the engine's save_checkpoint carries the EMA
         states = checkpoint.get("optimizer_states")
-        if self.ema is not None and states and "ema" not in states[self.optimizer_index]:
+        if self.ema is not None and not deepspeed and states and "ema" not in states[self.optimizer_index]:
             states[self.optimizer_index]["ema"] = self.ema.ema_checkpoint.state_dict()
+        if self._on_ema is not None and deepspeed:
+            raise RuntimeError("EMACallback under DeepSpeedStrategy: a checkpoint saved while validation or testing "
+                               "runs on the EMA (from the module's epoch-end hooks) would hold the EMA as weights, "
+                               "and the engine saves its weights itself; save it from on_validation_end or a "
+                               "ModelCheckpoint instead")
         if self._on_ema is not None:
             # Saved inside the swap (from the module's epoch-end hook, or a callback before this one): the model's
             # state_dict holds the EMA; the checkpoint gets the training weights, and the EMA goes back in.
@@ -174,7 +194,11 @@ class EMACallback(pl.Callback):
         if not wanted.get(trainer.state.fn):
             return
         if self.ema is None:  # no fit in this process: the checkpoint's EMA weights, swapped in by _swap_in
-            self._checkpoint_ema = self._ema_weights_of(trainer, checkpoint)
+            self._checkpoint_ema = self._ema_weights_of(trainer, pl_module, checkpoint)
+            return
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            # The strategy loads no optimizer states to test or validate: this rank's EMA comes from its file.
+            self.ema.load_checkpoint_ema(trainer.ckpt_path)
             return
         states = checkpoint.get("optimizer_states") or [{}]
         saved = states[self.optimizer_index].get("ema") if self.optimizer_index < len(states) else None
@@ -186,7 +210,15 @@ class EMACallback(pl.Callback):
 
     # --- test/validate(ckpt_path=) in a process that has not fitted: the checkpoint's EMA weights ---------
 
-    def _ema_weights_of(self, trainer: pl.Trainer, checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _ema_weights_of(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                        checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            if trainer.strategy.zero_stage_3:
+                raise NotImplementedError(
+                    "EMACallback: test/validate(ckpt_path=) of a ZeRO-3 checkpoint in a process that has not fitted "
+                    "(the module's parameters are partitioned, the checkpoint's EMA is whole); fit first in this "
+                    "process, or write the EMA with python -m triton_ema.export and test an unsharded module")
+            return load_ema_weights(trainer.ckpt_path, model=pl_module)  # every rank's partitions joined
         if trainer.ckpt_path is not None and Path(trainer.ckpt_path).is_dir():
             raise NotImplementedError(
                 "EMACallback: test/validate(ckpt_path=) of a distributed checkpoint (ModelParallelStrategy) in a "
