@@ -1,5 +1,6 @@
 """Hugging Face: EMATrainer with the real transformers Trainer on CPU, and a bare accelerate
-loop under `accelerate launch` with 2 CPU processes (gloo)."""
+loop under `accelerate launch` with 2 CPU processes (gloo); both with DeepSpeed (ZeRO 2 and 3) on
+DeepSpeed's CPU accelerator in one process."""
 
 import os
 import shutil
@@ -19,6 +20,7 @@ pytest.importorskip("accelerate", reason="accelerate is not installed (pip insta
 
 import hf_cases as cases  # noqa: E402
 
+from triton_ema import load_ema_weights  # noqa: E402
 from triton_ema.integrations.transformers import EMATrainer  # noqa: E402
 
 EPOCHS, STEPS_PER_EPOCH = 3, 4
@@ -166,6 +168,95 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, mixed_precision):
         # save_state / load_state mid-run, then the same steps: bitwise where the uninterrupted run ended.
         assert all(torch.equal(rank["resumed_ema"][k], v) for k, v in rank["ema"].items())
         assert all(torch.equal(rank["resumed_model"][k], v) for k, v in rank["model"].items())
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    """tests/hf_deepspeed.py's two parts (the Trainer, the accelerate loop), each one CPU process, at the same
+    time: accelerate 1.x runs DeepSpeed on CPU processes only alone (without a GPU its state finds no
+    process-group backend, counts one process, and its gather for the evaluation fails with two)."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    out = tmp_path_factory.mktemp("hf-deepspeed")
+    runs = {}
+    for part in ("trainer", "accelerate"):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        runs[part] = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hf_deepspeed.py")), str(out), part],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for process in runs.values():
+        output = process.communicate(timeout=600)[0]
+        assert process.returncode == 0, output[-3000:]
+    return out, {part: torch.load(out / f"{part}-rank0.pt", weights_only=True) for part in runs}
+
+
+def named(tensors):
+    return [tensors[n] for n, _ in cases.Regressor().named_parameters()]
+
+
+@pytest.mark.parametrize("name", ["stage2", "stage3"])
+def test_trainer_with_a_deepspeed_config(deepspeed_runs, name):
+    out, results = deepspeed_runs
+    r = results["trainer"][name]
+    assert r["engine"] == "DeepSpeedEngine" and r["partitioned"] == (name == "stage3")
+    assert r["optimizer"] == {"stage2": "DeepSpeedZeroOptimizer", "stage3": "DeepSpeedZeroOptimizer_Stage3"}[name]
+    assert r["steps"] == r["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    # the EMA of the full fp32 masters against a float64 EMA of them after every step
+    assert_close_to(named(r["reference"]), named(r["ema"]))
+    # evaluate() on the EMA, the training masters back bitwise after it
+    rows = regression_data(16, 1)
+    assert r["eval_loss"] == pytest.approx(regression_loss(named(r["reference"]), *rows), rel=1e-5)
+    assert r["eval_loss"] != pytest.approx(r["training_loss"], rel=1e-3)
+    assert all(torch.equal(r["masters_after_eval"][k], v) for k, v in r["masters"].items())
+    # save_model() with save_ema_model=True writes the full EMA (fp32 training: bitwise)
+    exported = load_file(out / name / "export" / "model.safetensors")
+    assert exported.keys() == r["ema"].keys() and all(torch.equal(exported[k], v) for k, v in r["ema"].items())
+    # every checkpoint's EMA, read from the Trainer's checkpoint folder; loads into the plain model
+    for step, saved in r["saved"].items():
+        weights = load_ema_weights(out / name / f"checkpoint-{step}")
+        assert weights.keys() == saved.keys() and all(torch.equal(weights[k], v) for k, v in saved.items())
+    cases.Regressor().load_state_dict(weights)
+    # resume_from_checkpoint of the first epoch's checkpoint, other initial weights: bitwise at the end
+    assert r["resumed_steps"] == r["steps"]
+    assert all(torch.equal(r["resumed_ema"][k], v) for k, v in r["ema"].items())
+    assert all(torch.equal(r["resumed_masters"][k], v) for k, v in r["masters"].items())
+
+
+def test_accelerate_loop_with_deepspeed_plugin(deepspeed_runs):
+    out, results = deepspeed_runs
+    r = results["accelerate"]
+    assert r["engine"] == "DeepSpeedEngine" and r["steps"] == r["resumed_steps"] == 2 * 4 and r["loaded_steps"] == 4
+    assert_close_to(r["reference"], named(r["ema"]))
+    # save_state after the first epoch, load_state in a fresh engine with other weights: bitwise at the end
+    assert all(torch.equal(r["resumed_ema"][k], v) for k, v in r["ema"].items())
+    assert all(torch.equal(r["resumed_masters"][k], v) for k, v in r["masters"].items())
+    weights = load_ema_weights(out / "state")  # the save_state folder: its DeepSpeed checkpoint's EMA
+    assert weights.keys() == r["saved"].keys() and all(torch.equal(weights[k], v) for k, v in r["saved"].items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed on GPUs under accelerate launch, one process "
+                    "per GPU (2 at most): needs a CUDA GPU; on CPU the same checks run in one process above")
+@pytest.mark.parametrize("part", ["trainer", "accelerate"])
+def test_deepspeed_on_cuda_gpus(tmp_path, part):
+    gpus = min(2, torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "--num_machines", "1",
+           "--dynamo_backend", "no", str(Path(__file__).with_name("hf_deepspeed.py")), str(tmp_path), part]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DS_ACCELERATOR": "cuda", "ACCELERATE_USE_CPU": "false"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"{part}-rank{r}.pt", map_location="cpu", weights_only=True) for r in range(gpus)]
+    for rank in ranks:
+        for r in (rank.values() if part == "trainer" else [rank]):
+            assert_close_to(r["reference"] if part == "accelerate" else named(r["reference"]), named(r["ema"]))
+            assert all(torch.equal(r["resumed_ema"][k], v) for k, v in r["ema"].items())
+            assert all(torch.equal(r["resumed_masters"][k], v) for k, v in r["masters"].items())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=(

@@ -46,7 +46,7 @@ from ..deepspeed_checkpoint import LAYOUT_FORMAT, assemble, rank_ema
 from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
 
-__all__ = ["attach", "DeepSpeedEMA"]
+__all__ = ["attach", "attached", "DeepSpeedEMA"]
 
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its DeepSpeedEMA
 
@@ -80,6 +80,11 @@ def attach(engine: Any, momentum: float | Schedule | dict | None = None, **kwarg
     ema = DeepSpeedEMA(engine, momentum, kwargs)
     _ATTACHED[engine] = ema
     return ema
+
+
+def attached(engine: Any) -> DeepSpeedEMA | None:
+    """The EMA that :func:`attach` attached to ``engine``, or None."""
+    return _ATTACHED.get(engine)
 
 
 class DeepSpeedEMA:

@@ -10,6 +10,14 @@ update runs inside the optimizer's ``step()`` and the EMA rides in
 ``optimizer.pt``, so ``resume_from_checkpoint`` continues it bitwise.
 A bare accelerate loop needs nothing from here: ``attach`` the optimizer
 before ``accelerator.prepare``.
+
+With a DeepSpeed config (``TrainingArguments(deepspeed=...)``) the EMA is
+attached instead to the engine that ``accelerator.prepare`` builds
+(:mod:`triton_ema.integrations.deepspeed`), in ``create_scheduler``, which
+the Trainer calls once prepare has built it and before it loads a
+checkpoint: the EMA of each rank's fp32 master partition, carried by the
+engine's ``save_checkpoint`` / ``load_checkpoint`` that the Trainer's
+checkpoints use.
 """
 
 from __future__ import annotations
@@ -57,10 +65,23 @@ class EMATrainerMixin:
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            return optimizer  # DeepSpeed takes its parameters over: the EMA goes to the engine, in create_scheduler
         self.ema = attached_ema(unwrap_optimizer(optimizer))  # already wrapped by accelerate on a second train()
         if self.ema is None:
             self.ema = attach(optimizer, self.ema_momentum, model=self.model, **self.ema_kwargs)
         return optimizer
+
+    def create_scheduler(self, *args: Any, **kwargs: Any) -> Any:
+        scheduler = super().create_scheduler(*args, **kwargs)
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if self.is_deepspeed_enabled and wrapped is not None:  # prepare has built the engine; no checkpoint loaded yet
+            from . import deepspeed
+
+            self.ema = deepspeed.attached(wrapped.engine)
+            if self.ema is None:
+                self.ema = deepspeed.attach(wrapped.engine, self.ema_momentum, **self.ema_kwargs)
+        return scheduler
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         if not self.evaluate_on_ema:
@@ -100,6 +121,8 @@ class BestEMA(transformers.TrainerCallback):
         ema, best = self.trainer.ema, state.best_model_checkpoint
         if not args.load_best_model_at_end or best is None or ema is None:  # the Trainer's own condition
             return
+        if self.trainer.is_deepspeed_enabled:
+            return  # the Trainer loaded the best checkpoint with the engine's load_checkpoint: the EMA came with it
         path = os.path.join(best, OPTIMIZER_NAME)
         saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
         if "ema" not in saved:
