@@ -259,6 +259,34 @@ def test_deepspeed_on_cuda_gpus(tmp_path, part):
             assert all(torch.equal(r["resumed_masters"][k], v) for k, v in r["masters"].items())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2 through accelerate needs CUDA GPUs: accelerate 1.x "
+                    "enables FSDP only for GPU (and other accelerator) process groups, so on CPU processes its FSDP "
+                    "plugin is not used")
+@pytest.mark.parametrize("part", ["trainer", "accelerate"])
+def test_fsdp2_through_accelerate_on_cuda_gpus(tmp_path, part):
+    gpus = min(2, torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "--num_machines", "1",
+           "--dynamo_backend", "no", "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "NO_WRAP",
+           "--fsdp_state_dict_type", "SHARDED_STATE_DICT", str(Path(__file__).with_name("hf_fsdp2.py")),
+           str(tmp_path), part]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "false"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"{part}-rank{r}.pt", weights_only=True) for r in range(gpus)]
+    for r in ranks:
+        assert r["has_ema_folder"]  # each rank's EMA shards beside the optimizer's, in <checkpoint>/ema
+        reference = named(r["reference"]) if part == "trainer" else r["reference"]
+        assert_close_to(reference, named(r["ema"]))
+        if part == "trainer":
+            assert r["sharded"] and r["steps"] == r["global_step"] == r["resumed_steps"]
+            assert r["eval_loss"] == pytest.approx(r["reference_loss"], rel=1e-5)  # evaluated on the EMA
+            assert all(torch.equal(r["weights_after_eval"][k], v) for k, v in r["weights"].items())
+        else:
+            assert r["distributed"] == "FSDP" and r["loaded_steps"] * 2 == r["steps"] == r["resumed_steps"]
+        # resumed from the first epoch's checkpoint with other initial weights: bitwise at the end
+        assert all(torch.equal(r["resumed_ema"][k], v) for k, v in r["ema"].items())
+        assert all(torch.equal(r["resumed_weights"][k], v) for k, v in r["weights"].items())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=(
     "needs a CUDA GPU: on CPU, accelerate 1.x accepts mixed_precision='fp16' but neither autocasts nor builds a "
     "GradScaler (Accelerator.native_amp stays False), so no step is scaled or skipped; the same guarantee on CPU "

@@ -18,6 +18,14 @@ the Trainer calls once prepare has built it and before it loads a
 checkpoint: the EMA of each rank's fp32 master partition, carried by the
 engine's ``save_checkpoint`` / ``load_checkpoint`` that the Trainer's
 checkpoints use.
+
+Under FSDP2 (``fsdp_version=2``) accelerate and the Trainer save the
+optimizer with torch's ``get_optimizer_state_dict``, which keeps only its
+``state`` and ``param_groups``: the EMA (of each rank's shards, attached once
+prepare has sharded the model) is saved beside them as a DCP checkpoint,
+``<checkpoint>/ema``, each rank writing its shards, and loaded from there
+after the optimizer. In a bare accelerate loop, :func:`fsdp_ema_checkpoints`
+hooks this into ``save_state`` / ``load_state``.
 """
 
 from __future__ import annotations
@@ -27,15 +35,51 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 import transformers
+from torch.utils._pytree import tree_map
 from transformers.trainer import OPTIMIZER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..hooks import attach, attached_ema
 from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
 from ..wrapped import unwrap_optimizer
 
-__all__ = ["EMATrainer", "EMATrainerMixin"]
+__all__ = ["EMATrainer", "EMATrainerMixin", "fsdp_ema_checkpoints"]
+
+EMA_FOLDER = "ema"  # under FSDP2: the EMA's DCP checkpoint inside a checkpoint folder
+
+
+def save_sharded_ema(ema: EMAOptimizer, folder: str) -> None:
+    """Every rank's EMA shards into ``folder/ema`` (a collective: DCP)."""
+    dcp.save({"ema": ema.ema_checkpoint}, checkpoint_id=os.path.join(folder, EMA_FOLDER))
+
+
+def load_sharded_ema(ema: EMAOptimizer, folder: str) -> bool:
+    """This rank's EMA shards from ``folder/ema`` (a collective); False where the folder has none."""
+    path = os.path.join(folder, EMA_FOLDER)
+    if not os.path.isdir(path):
+        return False
+    saved = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, ema.ema_checkpoint.state_dict())
+    dcp.load({"ema": saved}, checkpoint_id=path)
+    ema.ema_checkpoint.load_state_dict(saved)
+    return True
+
+
+def fsdp_ema_checkpoints(accelerator: Any, ema: EMAOptimizer) -> list[Any]:
+    """In an accelerate loop under FSDP2: ``accelerator.save_state(d)`` also saves ``ema`` (attached to the prepared
+    optimizer) into ``d/ema``, and ``load_state(d)`` loads it back after the optimizer (which loads without it).
+    Returns the two hooks' handles (``handle.remove()`` before preparing another model on this accelerator)."""
+    saving = accelerator.register_save_state_pre_hook(
+        lambda models, weights, output_dir: save_sharded_ema(ema, output_dir))
+
+    def load(models: Any, input_dir: str) -> None:
+        if not load_sharded_ema(ema, input_dir):
+            raise FileNotFoundError(f"{input_dir} has no {EMA_FOLDER}/ folder: saved without fsdp_ema_checkpoints, "
+                                    "so the EMA cannot be restored")
+    return [saving, accelerator.register_load_state_pre_hook(load)]  # accelerate calls it after the optimizer's load
+
 
 
 class EMATrainerMixin:
@@ -59,14 +103,20 @@ class EMATrainerMixin:
         self.evaluate_on_ema, self.save_ema_model = evaluate_on_ema, save_ema_model
         self.ema: EMAOptimizer | None = None
         self._on_ema = False  # inside evaluate()'s swap
+        self._resume_from: str | None = None  # the checkpoint train() resumes from
         super().__init__(*args, **kwargs)
         # First, so that every other callback's on_train_end sees the best checkpoint's EMA too.
         self.callback_handler.callbacks.insert(0, BestEMA(self))
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.is_deepspeed_enabled:
-            return optimizer  # DeepSpeed takes its parameters over: the EMA goes to the engine, in create_scheduler
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # DeepSpeed takes the parameters over, FSDP2's prepare swaps them for their shards: the EMA is attached
+            # once prepare has run, in create_scheduler.
+            if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+                raise NotImplementedError("EMATrainer under FSDP1 (fsdp_version=1): its checkpoints save the "
+                                          "optimizer without the EMA; use fsdp_version=2")
+            return optimizer
         self.ema = attached_ema(unwrap_optimizer(optimizer))  # already wrapped by accelerate on a second train()
         if self.ema is None:
             self.ema = attach(optimizer, self.ema_momentum, model=self.model, **self.ema_kwargs)
@@ -81,7 +131,17 @@ class EMATrainerMixin:
             self.ema = deepspeed.attached(wrapped.engine)
             if self.ema is None:
                 self.ema = deepspeed.attach(wrapped.engine, self.ema_momentum, **self.ema_kwargs)
+        elif self.is_fsdp_enabled and self.optimizer is not None:  # prepare has sharded the model and the optimizer
+            self.ema = attached_ema(unwrap_optimizer(self.optimizer))
+            if self.ema is None:
+                self.ema = attach(self.optimizer, self.ema_momentum, model=self.model, **self.ema_kwargs)
         return scheduler
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # as Trainer.train resolves it
+        self._resume_from = resume_from_checkpoint  # under FSDP2 the EMA is read from there in on_train_begin
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         if not self.evaluate_on_ema:
@@ -116,6 +176,20 @@ class BestEMA(transformers.TrainerCallback):
     def __init__(self, trainer: EMATrainerMixin) -> None:
         self.trainer = trainer
 
+    # Under FSDP2: the EMA's shards beside each checkpoint, and back from the one resumed from.
+    def on_train_begin(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
+                       control: transformers.TrainerControl, **kwargs: Any) -> None:
+        resumed = self.trainer._resume_from
+        if self.trainer.is_fsdp_enabled and resumed is not None and not load_sharded_ema(self.trainer.ema, resumed):
+            raise FileNotFoundError(f"resume_from_checkpoint={resumed}: under FSDP2 the EMA is saved in "
+                                    f"{EMA_FOLDER}/ beside the optimizer, and this checkpoint has none (saved "
+                                    "without EMATrainer?)")
+
+    def on_save(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
+                control: transformers.TrainerControl, **kwargs: Any) -> None:
+        if self.trainer.is_fsdp_enabled and self.trainer.ema is not None:
+            save_sharded_ema(self.trainer.ema, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
     def on_train_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
                      control: transformers.TrainerControl, **kwargs: Any) -> None:
         ema, best = self.trainer.ema, state.best_model_checkpoint
@@ -123,6 +197,11 @@ class BestEMA(transformers.TrainerCallback):
             return
         if self.trainer.is_deepspeed_enabled:
             return  # the Trainer loaded the best checkpoint with the engine's load_checkpoint: the EMA came with it
+        if self.trainer.is_fsdp_enabled:
+            if not load_sharded_ema(ema, best):
+                warnings.warn(f"load_best_model_at_end: {best} holds no {EMA_FOLDER}/ folder: the model has the best "
+                              "checkpoint's weights, the EMA stays the last step's", UserWarning, stacklevel=2)
+            return
         path = os.path.join(best, OPTIMIZER_NAME)
         saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
         if "ema" not in saved:
