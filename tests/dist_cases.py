@@ -228,8 +228,23 @@ def run_dcp_resume(rank, world, store, ckpt, stop, out, momentum=MOMENTUM, snaps
     loaded = full_emas(opt)
     train(model, opt, range(stop, STEPS), snapshotting(snapshots) if snapshots else lambda opt: None)
     ema = full_emas(opt)
+    # This world size's (uneven) shards: each profile swapped in and back, and saved with DCP.
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from triton_ema import sharding
+
+    before = {k: sharding.local(v).clone() for k, v in model.state_dict().items()}
+    swapped = {}
+    for name in opt.schedules:
+        with opt.swap_ema(name):
+            swapped[name] = model(data(99)[0]).detach().clone()
+    restored = all(torch.equal(sharding.local(v), before[k]) for k, v in model.state_dict().items())
+    gathered = [None] * world
+    dist.all_gather_object(gathered, restored)
+    dcp.save({"model": get_model_state_dict(model), "ema": opt.ema_checkpoint}, checkpoint_id=f"{out}.dcp")
     if rank == 0:
-        torch.save({"loaded": loaded, "ema": ema, "run": opt.run_id}, out)
+        torch.save({"loaded": loaded, "ema": ema, "run": opt.run_id, "swapped_out": swapped, "restored": gathered},
+                   out)
     _finish()
 
 

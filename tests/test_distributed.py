@@ -105,7 +105,23 @@ def dcp_checkpoint(tmp_path_factory):
 def test_dcp_save_with_two_ranks_resume_with_another_world_size(tmp_path, reference, dcp_checkpoint, world):
     out = tmp_path / "resumed.pt"
     launch(dist_cases.run_dcp_resume, world, tmp_path, str(dcp_checkpoint), 3, str(out))
-    assert_same_ema(torch.load(out, weights_only=True)["ema"][None], reference)
+    result = torch.load(out, weights_only=True)
+    assert_same_ema(result["ema"][None], reference)
+    # On this world size's shards (3 ranks: 7 rows as 3, 3, 1; the 1-element parameter on one rank): the swap puts
+    # the EMA into what the model computes and every rank's training shards back bitwise; a DCP save of them reads
+    # back whole, bitwise the gathered EMA.
+    assert_swapped_is(result["swapped_out"][None], result["ema"][None])
+    assert result["restored"] == [True] * world
+    weights = load_ema_weights(tmp_path / "resumed.pt.dcp")
+    assert weights.keys() == result["ema"][None].keys()
+    assert all(torch.equal(weights[k], v) for k, v in result["ema"][None].items())
+
+
+def assert_swapped_is(out, ema):
+    model, _ = dist_cases.build("single")
+    model.load_state_dict(ema)
+    expected = model(dist_cases.data(99)[0]).detach()
+    assert_ulps(out, expected.double(), scale=expected.abs().max().expand_as(expected), ulps=64)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (NCCL, the Triton backend)")
@@ -229,6 +245,8 @@ def test_dcp_profiles_save_with_two_ranks_resume_with_three(fsdp_profiles, profi
         saved = result["taken"][dist_cases.DCP_STOP][name]
         assert all(torch.equal(resumed["loaded"][name][k], saved[k]) for k in saved), name  # loaded bitwise
         assert_same_ema(resumed["ema"][name], reference[name])
+        assert_swapped_is(resumed["swapped_out"][name], resumed["ema"][name])  # each profile's, on 3 uneven shards
+    assert resumed["restored"] == [True] * 3
     assert resumed["run"] == result["run"]  # one run: its snapshots combine
     assert {p.name for p in (snapshots / "fp32" / "snapshot-000000000006").glob("*.distcp")} == {
         "__0_0.distcp", "__1_0.distcp", "__2_0.distcp"}
