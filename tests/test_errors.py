@@ -183,6 +183,34 @@ def lightning_deepspeed(what):
     return run
 
 
+def deepspeed_rank_file(rank):
+    """rank_ema of a checkpoint folder whose tag holds rank 0's optimizer-states file only."""
+    def run():
+        from triton_ema.deepspeed_checkpoint import rank_ema
+
+        with tempfile.TemporaryDirectory() as folder:
+            os.makedirs(os.path.join(folder, "mid"))
+            torch.save({}, os.path.join(folder, "mid", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+            rank_ema(folder, "mid", rank)
+    return run
+
+
+def accelerate_fsdp_load_without_ema():
+    """fsdp_ema_checkpoints' load hook on a save_state folder written without it (a real Accelerator, one process)."""
+    from accelerate import Accelerator
+
+    from triton_ema.integrations.transformers import fsdp_ema_checkpoints
+
+    accelerator = Accelerator(cpu=True)
+    model = make_model()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ema = attach(optimizer, 0.1, model=accelerator.unwrap_model(model))
+    with tempfile.TemporaryDirectory() as folder:
+        accelerator.save_state(folder)
+        fsdp_ema_checkpoints(accelerator, ema)
+        accelerator.load_state(folder)
+
+
 def framework_wrapped(framework, make):
     """``make(wrapper)`` for a framework's own optimizer wrapper around an SGD."""
     def run():
@@ -420,6 +448,12 @@ ERRORS = [
      NotImplementedError, r"test/validate\(ckpt_path=\) of a ZeRO-3 checkpoint in a process that has not fitted"),
     ("lightning deepspeed save inside the swap", lightning_deepspeed("save"), RuntimeError,
      "EMACallback under DeepSpeedStrategy: a checkpoint saved while validation or testing runs on the EMA"),
+    ("deepspeed checkpoint without a rank's file", deepspeed_rank_file(1), FileNotFoundError,
+     "holds no optimizer-states file of rank 1"),
+    ("deepspeed checkpoint file without EMA", deepspeed_rank_file(0), ValueError,
+     "holds no EMA \\(no 'ema_layout' in its optimizer state\\)"),
+    ("accelerate FSDP2 load_state without the EMA", accelerate_fsdp_load_without_ema, FileNotFoundError,
+     "has no ema/ folder: saved without fsdp_ema_checkpoints"),
     ("transformers trainer given model=", lambda: hf_trainer(ema_kwargs={"model": make_model()}), TypeError,
      "EMATrainer takes no model= in ema_kwargs"),
     ("transformers evaluate before train", lambda: hf_trainer().evaluate(), RuntimeError,
