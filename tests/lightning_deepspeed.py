@@ -7,13 +7,14 @@ Lightning's strategy and DeepSpeed's engine on DeepSpeed's CPU accelerator.
 For each configuration: a fit that validates and checkpoints every epoch (DeepSpeed checkpoint folders), a
 float64 EMA of the full fp32 master weights after every step, what the module computed during validation;
 test() after the fit and test(ckpt_path=) of a checkpoint; a fit resumed from a checkpoint with other initial
-weights; a fit validating on the training weights with ema_at_end=True. Each rank saves what it saw."""
+weights; a fit validating on the training weights with ema_at_end=True. Each rank saves what it saw.
+`lightning_deepspeed.py OUT cuda` runs Lightning's own DeepSpeedStrategy on CUDA GPUs instead."""
 
 import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if sys.argv[2:3] == ["cuda"] else "cpu")
 
 import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
@@ -87,12 +88,19 @@ class AfterValidation(Callback):
                                               saved=self.callback.ema.ema_state_dict(full=True))
 
 
+CUDA = len(sys.argv) > 2 and sys.argv[2] == "cuda"  # Lightning's own strategy, unchanged, on 2 GPUs (or 1)
+
+
 def trainer(name, callbacks, **kw):
     stage, precision = CONFIGS[name]
     config = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 4},
               "zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": cases.BATCH}
-    strategy = CPUDeepSpeedStrategy(config=config, process_group_backend="gloo",
-                                    parallel_devices=[torch.device("cpu", i) for i in range(2)])
+    if CUDA:
+        strategy = DeepSpeedStrategy(config=config)
+        kw.update(accelerator="cuda", devices=min(2, torch.cuda.device_count()))
+    else:
+        strategy = CPUDeepSpeedStrategy(config=config, process_group_backend="gloo",
+                                        parallel_devices=[torch.device("cpu", i) for i in range(2)])
     return cases.trainer(callbacks, EPOCHS, strategy=strategy, precision=precision, **kw)
 
 

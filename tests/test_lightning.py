@@ -203,6 +203,10 @@ def deepspeed_ranks(two_rank_runs):
     return ranks
 
 
+def in_module_order(weights):
+    return [weights[n] for n, _ in cases.Regressor().named_parameters()]
+
+
 def probe_with(weights, dtype):
     """What a plain regression net holding ``weights`` (cast to ``dtype``) computes on the scripts' probe batch."""
     import lightning_deepspeed
@@ -226,9 +230,9 @@ def test_deepspeed_strategy_on_two_cpu_processes(two_rank_runs, name):
         assert r["partitioned"] == ("stage3" in name) and dtype == (torch.bfloat16 if "bf16" in name else torch.float32)
         # the EMA of the full fp32 master weights, against a float64 EMA of them after every step
         assert r["ema"].keys() == set(cases.Regressor().state_dict())
-        assert_close_to(r["reference"], r["ema"].values())
+        assert_close_to(r["reference"], in_module_order(r["ema"]))
         for validation, probed in zip(r["validations"], r["probed_validation"], strict=True):
-            assert_close_to(validation["reference"], validation["ema"].values())
+            assert_close_to(validation["reference"], in_module_order(validation["ema"]))
             # the module computed with the EMA during validation, and holds the training masters after it, bitwise
             assert torch.equal(probed, probe_with(validation["ema"], dtype))
             assert not torch.equal(probed, probe_with(dict(zip(r["ema"], validation["masters"])), dtype))
@@ -261,6 +265,25 @@ def test_load_ema_weights_of_a_deepspeed_strategy_checkpoint(two_rank_runs, name
         assert all(torch.equal(weights[k], v) for k, v in validation["saved"].items())
     model = cases.Regressor(seed=5)
     model.load_state_dict(weights, strict=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's own DeepSpeedStrategy (without the CPU run's "
+                    "subclass) needs a CUDA GPU: its setup_environment refuses any other accelerator")
+def test_deepspeed_strategy_as_lightning_ships_it_on_cuda(tmp_path):
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("lightning_deepspeed.py")), str(tmp_path), "cuda"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cuda"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    gpus = min(2, torch.cuda.device_count())
+    for rank in range(gpus):
+        for name, r in torch.load(tmp_path / f"rank{rank}.pt", map_location="cpu", weights_only=True).items():
+            assert r["steps"] == r["resumed_steps"] > 0, name
+            assert_close_to(r["reference"], in_module_order(r["ema"]))
+            for validation in r["validations"]:
+                assert all(torch.equal(a, b) for a, b in zip(validation["masters_after"], validation["masters"]))
+            assert all(torch.equal(r["resumed_ema"][k], v) for k, v in r["ema"].items())
+            assert all(torch.equal(a, b) for a, b in zip(r["resumed_masters"], r["masters"]))
+            assert all(torch.equal(r["ema_validated_on_training_weights"][k], v) for k, v in r["ema"].items())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs a CUDA GPU (it refuses "

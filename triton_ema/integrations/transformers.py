@@ -140,7 +140,7 @@ class EMATrainerMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # as Trainer.train resolves it
-        self._resume_from = resume_from_checkpoint  # under FSDP2 the EMA is read from there in on_train_begin
+        self._resume_from = resume_from_checkpoint or None  # under FSDP2 the EMA is read from there in on_train_begin
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
@@ -180,7 +180,7 @@ class BestEMA(transformers.TrainerCallback):
     def on_train_begin(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
                        control: transformers.TrainerControl, **kwargs: Any) -> None:
         resumed = self.trainer._resume_from
-        if self.trainer.is_fsdp_enabled and resumed is not None and not load_sharded_ema(self.trainer.ema, resumed):
+        if self.trainer.is_fsdp_enabled and resumed and not load_sharded_ema(self.trainer.ema, resumed):
             raise FileNotFoundError(f"resume_from_checkpoint={resumed}: under FSDP2 the EMA is saved in "
                                     f"{EMA_FOLDER}/ beside the optimizer, and this checkpoint has none (saved "
                                     "without EMATrainer?)")
