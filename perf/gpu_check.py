@@ -27,15 +27,17 @@ part failed or ran out of time; a missed target is a result, not a failure.
 
 GPU time, estimated from the sizes for an H100 (3.35 TB/s; an H200 is faster):
 
-- compile: about 280 launches on 16 CPU cores, 0.3-1 s each: 10-20 s.
+- compile: 264 launches (132 kinds, full and tail) on 16 CPU cores, 0.3-1 s
+  each: 5-20 s.
 - tests: about 100 Triton specialisations compiled at 0.3-0.5 s (30-50 s, less
   where the compile part's cache serves them); the tensors are small (the
   largest 2**20 + 3 elements), so running takes seconds; 1,000 steps of the
   memory test at well under 1 ms each: 1-2 s a case.
-- bench: about 17 rows, 11 of them on 1B params. One row is building its
+- bench: 16 rows, 10 of them on 1B params. One row is building its
   params and optimizer (1B fp32: 4 GB written, about 3 ms at copy speed, plus
   the allocator: under 1 s), ``do_bench`` for 10 x 50 = 500 ms, and one call
-  for its peak memory: about 1.5 s, so about 25 s, plus 10 s to start.
+  for its peak memory: about 1.5 s, so about 25 s, plus 10 s to start (and
+  the device copy timed once, 2 GB moved per call).
 - host: 1 row, 1,000 tensors: about 5 s with the start.
 - train: 8 variants of GPT-2 small (124M params; AdamW, grads and an EMA:
   about 2.5 GB each), batch 8 x 1,024 tokens in bf16: a step of about 6 x

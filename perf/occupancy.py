@@ -30,15 +30,16 @@ and sm_80 (Ampere), and shown with:
   data bytes per thread) over the bytes it must move in ``trips`` loaded
   latencies to run at the device's DRAM bandwidth (bandwidth / SMs x trips
   x latency). Above 1, the resident programs can in principle saturate
-  memory; below 1 they cannot. Assumed: H100 SXM 3.35 TB/s, H200 4.8 TB/s
-  (peak), 132 SMs each, a loaded DRAM latency of 600-900 ns (the range shows
-  both ends; the table row counted at the same latency, though it often hits
-  in L2). A model to rank launch shapes, not a measurement: perf/gpu_check.py
-  measures.
+  memory; below 1 they cannot. Assumed: H100 SXM 3.35 TB/s and H200 4.8
+  TB/s (peak), 132 SMs each, for sm_90a; A100 80 GB 2.04 TB/s, 108 SMs, for
+  sm_80; a loaded DRAM latency of 600-900 ns (the range shows both ends; the
+  table row counted at the same latency, though it often hits in L2). A
+  model to rank launch shapes, not a measurement: perf/gpu_check.py measures.
 
 ``--json`` prints the report as JSON (tests/test_occupancy.py reads it);
 ``--full-only`` compiles the full-chunk launches only; ``--arch 90`` one
-target. Run it from any Python that has torch and Triton (TRITON_INTERPRET is
+target; ``--summary`` one row per launch kind, the worst of its variants.
+Run it from any Python that has torch and Triton (TRITON_INTERPRET is
 ignored: this script compiles).
 """
 
@@ -67,7 +68,8 @@ NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 PROFILES = (1, 2, 4)
 # sm: (register file per SM, shared memory per SM in bytes); 64 warps and 32 blocks per SM on both.
 ARCHS = {90: (65536, 228 * 1024), 80: (65536, 164 * 1024)}
-GPUS = {"H100": (3.35e12, 132), "H200": (4.8e12, 132)}  # DRAM bytes/s (peak), SMs
+# The GPUs of each architecture the margin is shown for: DRAM bytes/s (peak), SMs.
+GPUS = {90: {"H100": (3.35e12, 132), "H200": (4.8e12, 132)}, 80: {"A100": (2.04e12, 108)}}
 LATENCY_NS = (600, 900)
 ACCESS = re.compile(r"\b(ld|st)\.global[.\w:]*?(?:\.v(\d))?\.[bfus](\d+)\b")
 RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -230,8 +232,8 @@ def analyse(launch: Launch, arch: int) -> dict:
            "block": launch.constexprs["BLOCK"], "warps": launch.num_warps, **res, "shared": shared,
            "blocks_per_sm": blocks, "occupancy": threads / 2048, "wide_share": wide / (loaded + stored),
            "trips": trips, "other_accesses": sorted({f"{op}{bits}" for op, bits in acc if bits != 128})}
-    for gpu, (bandwidth, sms) in GPUS.items():
-        row[f"margin_{gpu}"] = [threads * (loaded + stored) / (bandwidth / sms * trips * ns * 1e-9) for ns in LATENCY_NS]
+    row["margins"] = {gpu: [threads * (loaded + stored) / (bandwidth / sms * trips * ns * 1e-9) for ns in LATENCY_NS]
+                      for gpu, (bandwidth, sms) in GPUS[arch].items()}
     return row
 
 
@@ -257,14 +259,30 @@ def report(launches: list[Launch], archs, workers: int) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'sm':>2} {'launch':22} {'pair':9} {'path':4} {'BLOCK':>5} {'warps':>5} {'REG':>3} {'STACK':>5} {'LOCAL':>5} "
-            f"{'SMEM':>5} {'blk/SM':>6} {'occ':>4} {'128b':>5} {'trips':>5} {'H100 margin':>11} {'H200 margin':>11}")
+            f"{'SMEM':>5} {'blk/SM':>6} {'occ':>4} {'128b':>5} {'trips':>5}  Little's-law margin")
     lines = [head, "-" * len(head)]
     for r in rows:
-        h100, h200 = (f"{r[f'margin_{g}'][1]:.1f}-{r[f'margin_{g}'][0]:.1f}x" for g in GPUS)
+        margins = ", ".join(f"{g} {m[1]:.1f}-{m[0]:.1f}x" for g, m in r["margins"].items())
         lines.append(f"{r['arch']:2d} {r['job']:22} {r['pair']:9} {r['path']:4} {r['block']:5d} {r['warps']:5d} {r['reg']:3d} "
                      f"{r['stack']:5d} {r['local']:5d} {r['shared']:5d} {r['blocks_per_sm']:6d} {r['occupancy']:4.0%} "
-                     f"{r['wide_share']:5.0%} {r['trips']:5d} {h100:>11} {h200:>11}")
+                     f"{r['wide_share']:5.0%} {r['trips']:5d}  {margins}")
     return "\n".join(lines)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per launch kind, pair, path and arch over the skip and momenta variants: the worst of each."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        job = r["job"].replace(" skip", "").replace(" mem", "")
+        groups.setdefault((r["arch"], job, r["pair"], r["path"]), []).append(r)
+    out = []
+    for (_, job, _, _), group in groups.items():
+        worst = max(group, key=lambda r: r["reg"])
+        out.append({**worst, "job": job + (" (all)" if len(group) > 1 else ""), "stack": max(r["stack"] for r in group),
+                    "local": max(r["local"] for r in group), "wide_share": min(r["wide_share"] for r in group),
+                    "trips": max(r["trips"] for r in group),
+                    "margins": {g: min((r["margins"][g] for r in group), key=lambda m: m[1]) for g in worst["margins"]}})
+    return out
 
 
 def main(argv=None) -> list[dict]:
@@ -273,6 +291,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--pairs", nargs="+", help="dtype pairs param/shadow, e.g. fp32/fp32 bf16/fp32 (default: all)")
     p.add_argument("--full-only", action="store_true", help="the full-chunk launches only (the tails are masked)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
+    p.add_argument("--summary", action="store_true",
+                   help="one row per launch kind over its skip/momenta variants (all): the most registers, the least margin")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     import triton
@@ -280,13 +300,14 @@ def main(argv=None) -> list[dict]:
     launches = [x for x in record(args.pairs) if x.full or not args.full_only]
     rows = report(launches, args.arch, args.jobs)
     if args.json:
-        json.dump({"triton": triton.__version__, "gpus": GPUS, "latency_ns": LATENCY_NS, "rows": rows}, sys.stdout)
+        json.dump({"triton": triton.__version__, "gpus": {str(a): g for a, g in GPUS.items()}, "latency_ns": LATENCY_NS,
+                   "rows": rows}, sys.stdout)
     else:
         archs = ", ".join(f"sm_{a}{'a' if a >= 90 else ''}" for a in args.arch)  # Triton targets sm_90a on Hopper
         print(f"triton {triton.__version__}, torch {torch.__version__}; compiled for {archs}; margins at "
               f"{LATENCY_NS[1]}-{LATENCY_NS[0]} ns loaded latency, "
-              + ", ".join(f"{g} {b / 1e12:g} TB/s, {n} SMs" for g, (b, n) in GPUS.items()))
-        print(table(rows))
+              + ", ".join(f"{g} {b / 1e12:g} TB/s, {n} SMs" for a in args.arch for g, (b, n) in GPUS[a].items()))
+        print(table(summarise(rows) if args.summary else rows))
     return rows
 
 
