@@ -41,9 +41,10 @@ GPU time, estimated from the sizes for an H100 (3.35 TB/s; an H200 is faster):
 - host: 1 row, 1,000 tensors: about 5 s with the start.
 - train: 8 variants of GPT-2 small (124M params; AdamW, grads and an EMA:
   about 2.5 GB each), batch 8 x 1,024 tokens in bf16: a step of about 6 x
-  124M x 8,192 = 6.1 TFLOP, 20-40 ms at 150-300 TFLOP/s. 20 rounds, each
-  timing every variant for at least 100 ms (``do_bench``): 20 x 8 x 0.1 s =
-  16 s, plus building and capturing the models: about 30-40 s.
+  124M x 8,192 = 6.1 TFLOP, 20-40 ms at 150-300 TFLOP/s. 10 rounds, each
+  timing every variant with ``do_bench`` (5 steps to estimate, then at least
+  100 ms: about 0.25 s): 10 x 8 x 0.25 s = 20 s, plus building and capturing
+  the models: about 35-45 s.
 - sweep: 3 blocks x 2 warp counts x 2 dtypes x 3 jobs = 36 rows on 1B
   params; each times its calls for 100 ms (``--reps 10``) after building the
   params: about 0.6 s a row, 22 s, plus the start.
@@ -102,7 +103,7 @@ def parts(out: Path, tiny: bool, arch: int | None) -> list[tuple[str, int, list[
         ("bench", 60, [*bench, "--targets-only", "--jobs", "update", "update-k2", "update-k4", "swap", *reps(50),
                        "--out", str(out / "bench")]),
         ("host", 15, [*bench, "--targets-only", "--jobs", "host", "--out", str(out / "host")]),
-        ("train", 50, [*bench, "--jobs", "train", *reps(20), "--out", str(out / "train")]),
+        ("train", 50, [*bench, "--jobs", "train", *reps(10), "--out", str(out / "train")]),
         ("sweep", 40, [*sweep, "--out", str(out / "sweep.json")]),
     ]
 
