@@ -9,6 +9,7 @@ from conftest import BACKENDS, DEVICE
 from models import make_model
 
 from triton_ema import EMAOptimizer, attach, posthoc
+from triton_ema.ema import EMA
 from triton_ema.schedules import (
     Constant,
     CopyUntil,
@@ -311,6 +312,10 @@ ERRORS = [
      "num_steps must be a non-negative integer, got -1"),
     ("import without model", lambda: EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), momentum=0.1)
      .load_ema_state_dict({}, num_steps=0), RuntimeError, "load_ema_state_dict\\(\\) needs the model"),
+    ("EMA core over parameters, not groups", lambda: EMA(make_model().parameters(), 0.1), TypeError,
+     "param_groups must be a list of dicts with 'params', .* got generator"),
+    ("EMA core over a list of tensors", lambda: EMA([torch.ones(2)], 0.1), TypeError,
+     "param_groups must be a list of dicts with 'params', .* got list"),
     # misuse
     ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
     ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),

@@ -73,6 +73,10 @@ class EMA:
         capturable: bool = False,
         overlap: bool = False,
     ) -> None:
+        groups = param_groups if isinstance(param_groups, list) else getattr(param_groups, "param_groups", None)
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
+            raise TypeError("param_groups must be a list of dicts with 'params', or an object with one as its "
+                            f"param_groups (a torch optimizer), got {type(param_groups).__name__}")
         self.source = param_groups
         schedules, device = check_arguments(self.param_groups, momentum, decay, interval, model, update_buffers,
                                             shadow_dtype, device, backend)
