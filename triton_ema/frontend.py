@@ -2,9 +2,11 @@
 
 :class:`~triton_ema.EMAOptimizer` (a wrapper, or attached to an optimizer's
 hooks) and any other front end over an :class:`~triton_ema.ema.EMA` core take
-them by subclassing; a front end sets ``self.core`` and may give
-:meth:`EMAFrontEnd.swap_ema` more to do (``after=``) where its model holds
-copies of the averaged tensors.
+them by subclassing; a front end sets ``self.core``. One whose model holds
+copies of the averaged tensors (16-bit weights beside fp32 master weights)
+overrides :meth:`EMAFrontEnd.swap_ema` to pass ``after=`` to
+:class:`~triton_ema.swap.SwapContext`, which runs it after the swap in and
+after the swap out.
 """
 
 from __future__ import annotations
