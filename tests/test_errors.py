@@ -10,6 +10,7 @@ from conftest import BACKENDS, DEVICE
 from models import make_model
 
 from triton_ema import EMAOptimizer, attach, posthoc
+from triton_ema.ema import EMA
 from triton_ema.schedules import (
     Constant,
     CopyUntil,
@@ -457,6 +458,10 @@ ERRORS = [
      "cannot tell the format from 'ema.txt': name it .safetensors, .pt, .pth or .bin"),
     ("lightning test of a checkpoint without EMA", lightning_test_without_ema, RuntimeError,
      "EMACallback: the checkpoint's EMA cannot be read \\(the checkpoint is a Lightning checkpoint without an EMA"),
+    ("EMA core over parameters, not groups", lambda: EMA(make_model().parameters(), 0.1), TypeError,
+     "param_groups must be a list of dicts with 'params', .* got generator"),
+    ("EMA core over a list of tensors", lambda: EMA([torch.ones(2)], 0.1), TypeError,
+     "param_groups must be a list of dicts with 'params', .* got list"),
     # misuse
     ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
     ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),

@@ -199,11 +199,11 @@ def test_storage_rebinding_rebuilds_the_table():
     p = torch.nn.Parameter(torch.zeros(3000, device=DEVICE))
     opt = EMAOptimizer(torch.optim.SGD([p], lr=0.1), momentum=0.5, backend="triton")
     opt.step()
-    before = opt._store.buckets[0].cache["table"]
+    before = opt.core.store.buckets[0].cache["table"]
     table_before = torch.cat([before.full, before.tail]).clone()  # one full chunk and a tail
     p.data = torch.full((3000,), 2.0, device=DEVICE)  # the old storage is freed
     opt.step()
-    after = opt._store.buckets[0].cache["table"]
+    after = opt.core.store.buckets[0].cache["table"]
     assert not torch.equal(torch.cat([after.full, after.tail]), table_before)
     assert torch.all(opt.state_dict()["ema"]["shadow"][0] == 1.0)
 
@@ -250,7 +250,7 @@ def test_auto_picks_triton_only_for_cuda(monkeypatch):
 
     p = torch.nn.Parameter(torch.randn(10, device=DEVICE))
     opt = EMAOptimizer(torch.optim.SGD([p], lr=0.1), momentum=0.1, backend="auto")
-    assert opt._store.buckets[0].backend.name == ("triton" if DEVICE.type == "cuda" else "torch")
+    assert opt.core.store.buckets[0].backend.name == ("triton" if DEVICE.type == "cuda" else "torch")
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU tensors need the interpreter; on a GPU machine they are not used")

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from . import sharding
+from .sharding import local_value
 
 if TYPE_CHECKING:
-    from .optimizer import EMAOptimizer
+    from .ema import EMA
 
 __all__ = ["from_mmcv", "from_shadow_params", "strip_prefix"]
 
@@ -61,26 +61,27 @@ def from_mmcv(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, T
     return out
 
 
-def checked_values(opt: EMAOptimizer, state_dict: Mapping[str, Tensor]) -> list[Tensor]:
-    """The value for every tensor ``opt`` averages, from a model-keyed dict, in the
+def checked_values(ema: EMA, state_dict: Mapping[str, Tensor]) -> list[Tensor]:
+    """The value for every tensor ``ema`` averages, from a model-keyed dict, in the
     store's order; or an error naming the culprit. Nothing is changed here."""
-    if opt.model is None:
+    if ema.model is None:
         raise RuntimeError("load_ema_state_dict() needs the model: pass model= to EMAOptimizer")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict keyed like model.state_dict(), got {type(state_dict).__name__}")
-    model_entries = opt.model.state_dict(keep_vars=True)
+    model_entries = ema.model.state_dict(keep_vars=True)
     unknown = [key for key in state_dict if key not in model_entries]
     if unknown:
         raise ValueError(f"the EMA state dict has entries the model does not: {unknown[:5]}")
-    index = opt._tracking.positions()
-    values: list[Tensor | None] = [None] * len(opt._tracking.objects)
+    objects = ema.tracking.objects
+    index = ema.tracking.positions()
+    values: list[Tensor | None] = [None] * len(objects)
     for name, target in model_entries.items():
         i = index.get(id(target))
         if i is None:
             continue  # not averaged: the model's own business
         if name not in state_dict:
             raise ValueError(f"the EMA state dict has no entry for {name}, which this EMA averages")
-        value, shadow = state_dict[name], opt._store.shadow_view(i)
+        value, shadow = state_dict[name], ema.store.shadow_view(i)
         if not isinstance(value, Tensor):
             raise TypeError(f"the EMA of {name} is a {type(value).__name__}, not a tensor")
         if value.shape != target.shape:
@@ -89,7 +90,7 @@ def checked_values(opt: EMAOptimizer, state_dict: Mapping[str, Tensor]) -> list[
             raise ValueError(f"the EMA of {name} has dtype {value.dtype}; expected the model's {target.dtype} "
                              f"or the shadow's {shadow.dtype}")
         values[i] = value
-    absent = [opt._store.names[i] for i, v in enumerate(values) if v is None]
+    absent = [ema.names[i] for i, v in enumerate(values) if v is None]
     if absent:
         raise ValueError(f"{absent[0]} is averaged but not in model.state_dict(): its EMA cannot be named")
-    return [sharding.local_value(v, t) for v, t in zip(values, opt._tracking.objects)]
+    return [local_value(v, t) for v, t in zip(values, objects)]

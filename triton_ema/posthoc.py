@@ -19,14 +19,17 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from . import sharding
 from .checkpoint import snapshot_state
 from .schedules import PowerFunction
+from .sharding import is_dtensor
+
+if TYPE_CHECKING:
+    from .ema import EMA
 
 __all__ = ["save_snapshot", "synthesize", "solve_weights"]
 
@@ -47,32 +50,33 @@ def save_snapshot(opt, folder: str | os.PathLike, dtype: torch.dtype | None = No
     Under FSDP2 (DTensor parameters) every rank must call it, with the same
     ``folder`` on a file system all ranks share: each rank writes its own shards
     into one ``torch.distributed.checkpoint`` folder, ``snapshot-<time>/``."""
-    profiles = {name: s for name, s in opt.schedules.items() if isinstance(s, PowerFunction)}
+    core = opt.core
+    profiles = {name: s for name, s in core.schedules.items() if isinstance(s, PowerFunction)}
     if not profiles:
         raise ValueError("save_snapshot() needs power-function profiles: momentum=schedules.PowerFunction(...) "
-                         f"or a dict of them; this EMA has {opt.schedules!r}")
-    if opt.interval != 1:
-        raise ValueError(f"post-hoc EMA needs an update every step (interval=1), got interval={opt.interval}")
-    if opt.num_steps == 0:
+                         f"or a dict of them; this EMA has {core.schedules!r}")
+    if core.interval != 1:
+        raise ValueError(f"post-hoc EMA needs an update every step (interval=1), got interval={core.interval}")
+    if core.num_steps == 0:
         raise ValueError("save_snapshot() before the first step(): a snapshot's time must be >= 1")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     entries, states = [], []
     for name, schedule in profiles.items():
-        state, averaged = snapshot_state(opt, name)
+        state, averaged = snapshot_state(core, name)
         states.append({k: _on_disk(v, dtype if k in averaged else None) for k, v in state.items()})
         entries.append({"name": name, "gamma": schedule.gamma, "averaged": sorted(averaged)})
-    header = {"format": FORMAT, "run": opt.run_id, "time": opt.num_steps, "profiles": entries}
-    path = Path(folder) / f"{PREFIX}{opt.num_steps:012d}"
-    if any(sharding.is_dtensor(v) for state in states for v in state.values()):
-        return _save_sharded(opt, header, states, path)
+    header = {"format": FORMAT, "run": core.run_id, "time": core.num_steps, "profiles": entries}
+    path = Path(folder) / f"{PREFIX}{core.num_steps:012d}"
+    if any(is_dtensor(v) for state in states for v in state.values()):
+        return _save_sharded(core, header, states, path)
     for entry, state in zip(entries, states):
         entry["state"] = state
     return _save_file(header, path.with_name(path.name + SUFFIX))
 
 
 def _on_disk(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    if sharding.is_dtensor(t):  # written shard by shard, each copied as it goes
+    if is_dtensor(t):  # written shard by shard, each copied as it goes
         return t.detach().to(dtype or t.dtype)
     if t.device.type == "meta" or type(t) is not Tensor:
         raise TypeError(f"save_snapshot() takes plain tensors or DTensors; got a {type(t).__name__} on {t.device}")
@@ -94,7 +98,7 @@ def _save_file(content: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _save_sharded(opt, header: dict[str, Any], states: list[dict[str, Tensor]], path: Path) -> Path:
+def _save_sharded(core: EMA, header: dict[str, Any], states: list[dict[str, Tensor]], path: Path) -> Path:
     """Every rank's shards into one DCP checkpoint under a hidden name; rank 0 adds the
     header and renames the folder once the checkpoint is complete (a collective)."""
     import torch.distributed as dist
@@ -113,9 +117,9 @@ def _save_sharded(opt, header: dict[str, Any], states: list[dict[str, Tensor]], 
     _by_rank_0(clean, path)  # no rank writes before the folder is clean
     # Rank 0's run id for every rank (each drew its own), so that the checkpoints
     # of this run carry it whichever rank writes them.
-    run = [opt.run_id]
+    run = [core.run_id]
     dist.broadcast_object_list(run, src=0)
-    opt.run_id = header["run"] = run[0]
+    core.run_id = header["run"] = run[0]
     dcp.save({f"{j}/{key}": v for j, state in enumerate(states) for key, v in state.items()}, checkpoint_id=tmp)
     _by_rank_0(finish, path)  # every rank returns once the snapshot is in place
     return path

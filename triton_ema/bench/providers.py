@@ -92,7 +92,7 @@ class _Idle(torch.optim.Optimizer):
 def triton_ema(backend: str) -> Provider:
     def update(params, shadow_dtype):
         opt = _ema(params, shadow_dtype, backend)
-        return lambda: opt._update_ema([MOMENTUM])  # the EMA part of opt.step(), storage checks included
+        return lambda: opt.core.update([MOMENTUM])  # the EMA part of opt.step(), storage checks included
 
     def swap(params, shadow_dtype):
         opt = _ema(params, shadow_dtype, backend)
@@ -113,7 +113,7 @@ def triton_ema(backend: str) -> Provider:
     def profiles(params, shadow_dtype, k):  # one EMAOptimizer with K profiles: each param read once for all
         momenta = _momenta(k)
         opt = _ema(params, shadow_dtype, backend, {f"ema{i}": m for i, m in enumerate(momenta)})
-        return lambda: opt._update_ema(momenta)
+        return lambda: opt.core.update(momenta)
 
     # "host": a whole opt.step() over an idle base optimizer, timed on the host without waiting for the device;
     # "parity": the same step, timed with the device, against a bare torch._foreach_lerp_.
@@ -129,7 +129,7 @@ def separate_triton_ema(backend: str) -> Provider:
 
         def run():
             for opt, m in zip(opts, momenta):
-                opt._update_ema([m])
+                opt.core.update([m])
         return run
 
     return Provider(f"K x triton-ema[{backend}]", _per_profile_count(profiles), _triton_absent(backend))

@@ -99,7 +99,7 @@ class TritonEMAHook(Hook):
             raise ValueError(f"TritonEMAHook: begin_epoch={self.begin_epoch} / begin_iter={self.begin_iter} lies "
                              f"beyond the run (max_epochs={runner.max_epochs}, max_iters={runner.max_iters})")
         if not self._resumed:  # the weights were initialised or loaded after the EMA was attached
-            self.ema._apply_load(None)
+            self.ema.core.restart()
 
     def before_val_epoch(self, runner) -> None:
         self._swap_in()
@@ -155,7 +155,7 @@ class TritonEMAHook(Hook):
                 raise KeyError(message)
             print_log(message + "; the EMA of what is missing starts from the checkpoint's weights", "current")
         entry = self.ema.ema_checkpoint.state_dict()  # this EMA's layout, dtypes and current values
-        names = self.ema._param_names()
+        names = self.ema.core.param_names()
         for key in ("shadow", "buffers"):
             for slot, current in entry[key].items():
                 name = names[slot] if key == "shadow" else slot

@@ -1,0 +1,124 @@
+"""The methods a user calls on an EMA, whatever drives it: :class:`EMAFrontEnd`.
+
+:class:`~triton_ema.EMAOptimizer` (a wrapper, or attached to an optimizer's
+hooks) and any other front end over an :class:`~triton_ema.ema.EMA` core take
+them by subclassing; a front end sets ``self.core``. One whose model holds
+copies of the averaged tensors (16-bit weights beside fp32 master weights)
+overrides :meth:`EMAFrontEnd.swap_ema` to pass ``after=`` to
+:class:`~triton_ema.swap.SwapContext`, which runs it after the swap in and
+after the swap out.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from .checkpoint import EMACheckpoint, model_keyed
+from .migrate import checked_values
+from .module import ema_module
+from .sharding import full as whole
+from .sharding import like, local
+from .swap import SwapContext
+
+if TYPE_CHECKING:
+    from .ema import EMA
+
+__all__ = ["EMAFrontEnd"]
+
+
+def _core_attribute(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self.core, name), lambda self, value: setattr(self.core, name, value),
+                    doc=doc)
+
+
+class EMAFrontEnd:
+    """Swaps, EMA modules, EMA state dicts and the step count of ``self.core``."""
+
+    core: EMA
+
+    schedules = _core_attribute("schedules", "The EMA profiles' schedules by name; ``{None: schedule}`` for one.")
+    schedule = _core_attribute("schedule", "The schedule of the one profile, or a dict of every profile's.")
+    interval = _core_attribute("interval", "The EMA is updated every ``interval`` steps.")
+    model = _core_attribute("model", "The module given as ``model=``, or None.")
+    update_buffers = _core_attribute("update_buffers", "Whether the model's floating buffers are averaged too.")
+    skip_nonfinite = _core_attribute("skip_nonfinite", "Whether a bucket holding NaN or Inf skips its update.")
+    overlap = _core_attribute("overlap", "Whether the update runs on a side CUDA stream.")
+    run_id = _core_attribute("run_id", "Tells this run's post-hoc snapshots from another's.")
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps completed so far (the next step has t = num_steps); with
+        ``capturable=True`` read from the device counter (it waits for the device)."""
+        return self.core.num_steps
+
+    @property
+    def capturable(self) -> bool:
+        return self.core.capturable
+
+    @property
+    def skipped_updates(self) -> int:
+        """With ``skip_nonfinite=True``: bucket updates skipped because their
+        params held NaN or Inf (reading it waits for the device)."""
+        return self.core.skipped_updates
+
+    def swap_ema(self, name: str | None = None) -> SwapContext:
+        """``with opt.swap_ema():`` the model holds the EMA weights (of profile
+        ``name``, needed with several); on exit, also by an exception, the
+        training weights are back, bitwise.
+
+        Inside the block the averaged parameters are the EMA: what the block
+        writes to them becomes the EMA (elements it leaves alone keep their
+        exact shadow values, for every dtype pair). Averaged buffers are put back
+        on exit if the block changed them (a forward in train mode), with a
+        warning. If the block moves the model to another dtype or device, the
+        training weights still come back (into the moved tensors), the EMA keeps
+        its values from before the move, and the exit raises an error."""
+        return SwapContext(self.core, self.core.profile(name), self)
+
+    def ema_module(self, name: str | None = None) -> nn.Module:
+        """The EMA (of profile ``name``, needed with several) as a module with the
+        model's structure, whose averaged parameters and buffers are the EMA storage
+        itself: no copy, the current EMA after every ``step()`` (the same object keeps
+        following; calling this again returns it), ``requires_grad=False``, the
+        training model untouched. Needs ``model=``. See :mod:`triton_ema.module` for
+        dtypes, buffers and what it refuses (inside ``swap_ema()``, DTensor params)."""
+        return ema_module(self.core, self.core.profile(name))
+
+    def ema_state_dict(self, name: str | None = None, *, full: bool = False) -> dict[str, Tensor]:
+        """``model.state_dict()`` with EMA values (of profile ``name``, needed with
+        several) for every averaged tensor, in the model's dtypes; entries not
+        averaged keep the model's values. Every value is a copy: it keeps what it
+        held when this was called.
+
+        Sharded (DTensor) entries stay DTensors, as ``set_model_state_dict``
+        takes them; ``full=True`` gathers them into whole tensors for export
+        (a collective: every rank must call it)."""
+        out = {}
+        for key, value, ema in model_keyed(self.core, name, "ema_state_dict()"):
+            shard = local(value) if ema is None else ema
+            copy = like(shard.detach().to(value.dtype, copy=True), value)
+            out[key] = whole(copy) if full else copy
+        return out
+
+    def load_ema_state_dict(self, state_dict: dict[str, Tensor], *, num_steps: int) -> None:
+        """Start the EMA from weights averaged elsewhere: a dict keyed like
+        ``model.state_dict()`` (see :mod:`triton_ema.migrate` for other libraries'
+        formats), after ``num_steps`` optimizer steps, from which the schedule
+        continues; with several profiles, every profile starts from these weights.
+        Needs ``model=``. Everything is checked before anything changes."""
+        core = self.core
+        core.refuse_while_swapped("load_ema_state_dict()")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, Integral) or num_steps < 0:
+            raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
+        values = checked_values(core, state_dict)
+        core.load(int(num_steps), core.store.skipped(), [values] * len(core.schedules))
+
+    @property
+    def ema_checkpoint(self) -> EMACheckpoint:
+        """The ``"ema"`` part of :meth:`state_dict` as a ``torch.distributed.checkpoint``
+        ``Stateful``: put it in the dict given to ``dcp.save``/``dcp.load``
+        beside the model and the wrapped optimizer's state."""
+        return EMACheckpoint(self.core)
