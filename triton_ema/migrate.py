@@ -32,7 +32,19 @@ __all__ = ["from_mmcv", "from_shadow_params", "strip_prefix"]
 
 
 def from_shadow_params(shadow_params: Sequence[Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Name a list of EMA tensors in ``model.parameters()`` order by the model's parameter names."""
+    """Name a list of EMA tensors in ``model.parameters()`` order by the model's parameter names.
+
+    Args:
+        shadow_params: The EMA tensors, one per parameter, in ``model.parameters()``
+            order (``torch_ema``'s and diffusers' ``state_dict()["shadow_params"]``).
+        model: The model they average.
+
+    Returns:
+        A dict keyed like ``model.state_dict()`` (parameters only).
+
+    Raises:
+        ValueError: The list's length differs from the model's parameter count.
+    """
     names = [name for name, _ in model.named_parameters()]
     if len(shadow_params) != len(names):
         raise ValueError(f"shadow_params holds {len(shadow_params)} tensors, the model has {len(names)} parameters")
@@ -40,7 +52,19 @@ def from_shadow_params(shadow_params: Sequence[Tensor], model: nn.Module) -> dic
 
 
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The entries whose key starts with ``prefix``, with the prefix removed; others are dropped."""
+    """The entries whose key starts with ``prefix``, with the prefix removed; others are dropped.
+
+    Args:
+        state_dict: A state dict (ema-pytorch's ``ema.state_dict()``, mmengine's
+            live ``hook.ema_model.state_dict()``, ``AveragedModel``'s).
+        prefix: The prefix, e.g. ``"ema_model."`` or ``"module."``.
+
+    Returns:
+        The entries under ``prefix``, renamed.
+
+    Raises:
+        ValueError: No key starts with ``prefix`` (the error shows the first keys).
+    """
     out = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
     if not out:
         raise ValueError(f"no key of the state dict starts with {prefix!r} (first keys: {list(state_dict)[:3]})")
@@ -48,7 +72,20 @@ def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Ten
 
 
 def from_mmcv(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """mmcv 1.x ``EMAHook`` keeps the EMA of parameter ``a.b`` in the buffer ``ema_a_b``."""
+    """The EMA mmcv 1.x's ``EMAHook`` keeps in a model's state dict, keyed by parameter name.
+
+    mmcv 1.x ``EMAHook`` keeps the EMA of parameter ``a.b`` in the buffer ``ema_a_b``.
+
+    Args:
+        state_dict: The checkpoint's ``"state_dict"`` (with the ``ema_*`` buffers).
+        model: The model without those buffers.
+
+    Returns:
+        A dict keyed like ``model.state_dict()`` (parameters only).
+
+    Raises:
+        ValueError: A parameter has no ``ema_*`` buffer (naming the first).
+    """
     out, missing = {}, []
     for name, _ in model.named_parameters():
         key = "ema_" + name.replace(".", "_")

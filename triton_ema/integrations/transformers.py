@@ -33,13 +33,33 @@ __all__ = ["EMATrainer", "EMATrainerMixin"]
 class EMATrainerMixin:
     """Keeps an EMA of the weights the Trainer's optimizer trains.
 
-    ``ema_momentum`` and ``ema_kwargs`` are :class:`~triton_ema.EMAOptimizer`'s
-    ``momentum`` and other arguments (``model=`` is the Trainer's model).
-    ``evaluate()`` runs on the EMA weights unless ``evaluate_on_ema=False``;
-    with ``save_ema_model=True``, ``save_model()`` called by the user writes the
-    EMA weights (the checkpoints the Trainer writes to resume from keep the
-    training weights). With ``load_best_model_at_end=True`` the best checkpoint's
-    EMA comes back with its weights. ``trainer.ema`` is the EMA once the optimizer exists.
+    Put it first among the bases of a ``Trainer`` subclass. The EMA is attached
+    (:func:`~triton_ema.attach`) in ``create_optimizer`` (also to an optimizer
+    given as ``optimizers=``), before the Trainer hands the optimizer to
+    accelerate and loads a checkpoint into it: the Trainer's ``optimizer.pt``
+    carries the EMA and ``resume_from_checkpoint`` continues it bitwise. With
+    ``load_best_model_at_end=True`` the best checkpoint's EMA comes back with
+    its weights.
+
+    Args:
+        *args: The ``Trainer``'s positional arguments.
+        ema_momentum: :class:`~triton_ema.EMAOptimizer`'s ``momentum``.
+        ema_kwargs: :class:`~triton_ema.EMAOptimizer`'s other arguments, a dict
+            (``model=`` is the Trainer's model and may not be given).
+        evaluate_on_ema: ``evaluate()`` (also the evaluations during training,
+            and every dataset of a dict ``eval_dataset``, in one swap) runs on
+            the EMA weights, swapped back bitwise after it.
+        save_ema_model: ``save_model()`` called by the user writes the EMA
+            weights; the checkpoints the Trainer writes to resume from keep the
+            training weights either way.
+        **kwargs: The ``Trainer``'s keyword arguments.
+
+    Attributes:
+        ema: The EMA (an attached :class:`~triton_ema.EMAOptimizer`) once the
+            optimizer exists, else None.
+
+    Raises:
+        TypeError: ``model`` in ``ema_kwargs``.
     """
 
     def __init__(self, *args: Any, ema_momentum: float | Schedule | None = None, ema_kwargs: dict | None = None,
@@ -56,6 +76,7 @@ class EMATrainerMixin:
         self.callback_handler.callbacks.insert(0, BestEMA(self))
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """The Trainer's ``create_optimizer``, with the EMA attached to the optimizer it returns."""
         optimizer = super().create_optimizer(*args, **kwargs)
         self.ema = attached_ema(unwrap_optimizer(optimizer))  # already wrapped by accelerate on a second train()
         if self.ema is None:
@@ -63,6 +84,12 @@ class EMATrainerMixin:
         return optimizer
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The Trainer's ``evaluate``, on the EMA weights unless ``evaluate_on_ema=False``.
+
+        Raises:
+            RuntimeError: Called before ``train()`` built the optimizer (there is
+                no EMA yet) with ``evaluate_on_ema=True``.
+        """
         if not self.evaluate_on_ema:
             return super().evaluate(*args, **kwargs)
         if self.ema is None:
@@ -78,6 +105,17 @@ class EMATrainerMixin:
             self._on_ema = False
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's ``save_model``; with ``save_ema_model=True`` the user's call writes the EMA weights.
+
+        Args:
+            output_dir: As for ``Trainer.save_model``.
+            _internal_call: Set by the Trainer for its own checkpoints, which keep
+                the training weights.
+
+        Raises:
+            RuntimeError: ``save_ema_model=True`` before ``train()`` built the
+                optimizer (there is no EMA yet).
+        """
         if not self.save_ema_model or _internal_call:
             return super().save_model(output_dir, _internal_call)
         if self.ema is None:
@@ -111,4 +149,8 @@ class BestEMA(transformers.TrainerCallback):
 
 
 class EMATrainer(EMATrainerMixin, transformers.Trainer):
-    """``transformers.Trainer`` with the EMA of :class:`EMATrainerMixin`."""
+    """``transformers.Trainer`` with the EMA of :class:`EMATrainerMixin`.
+
+    Takes the ``Trainer``'s arguments and :class:`EMATrainerMixin`'s
+    (``ema_momentum``, ``ema_kwargs``, ``evaluate_on_ema``, ``save_ema_model``).
+    """
