@@ -101,7 +101,7 @@ def device_schedule(schedule: Callable[[int], float]) -> Callable[[torch.Tensor]
                         "step tensor in, the momentum as a float32 tensor of the same shape and device out, tensor ops only")
     step = torch.zeros((), dtype=torch.int64, device="meta")
     try:
-        value = schedule.on_device(step)
+        value = schedule.on_device(step)  # type: ignore[attr-defined]  # _without_on_device found it
     except Exception as error:
         raise TypeError(f"momentum schedule {_name(schedule)}: on_device(t) must use tensor ops only (no .item(), no "
                         f"Python branch on a tensor's value); on a meta step tensor it raised {error!r}") from error
@@ -111,7 +111,7 @@ def device_schedule(schedule: Callable[[int], float]) -> Callable[[torch.Tensor]
                else type(value).__name__)
         raise TypeError(f"momentum schedule {_name(schedule)}: on_device(t) must return a float32 tensor of t's shape "
                         f"on t's device; for a 0-dim meta step it returned {got}")
-    return schedule.on_device
+    return schedule.on_device  # type: ignore[attr-defined]  # _without_on_device found it
 
 
 def _name(schedule) -> str:

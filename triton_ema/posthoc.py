@@ -129,7 +129,8 @@ def _by_rank_0(action, path: Path) -> None:
     """``action()`` on rank 0, and on every rank an error if it failed (a collective)."""
     import torch.distributed as dist
 
-    failed, error = [None], None
+    failed: list[str | None] = [None]
+    error = None
     if dist.get_rank() == 0:
         try:
             action()
@@ -257,7 +258,7 @@ def _targets(sigma_rel, gamma) -> tuple[list[float], bool]:
     many = isinstance(given, Sequence)
     values = list(given) if many else [given]
     gammas = [PowerFunction(sigma_rel=v).gamma if gamma is None else PowerFunction(gamma=v).gamma for v in values]
-    return gammas, many
+    return gammas, many  # type: ignore[return-value]  # PowerFunction's __post_init__ sets gamma from sigma_rel
 
 
 def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | None = None,
@@ -282,7 +283,7 @@ def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | N
     sums: list[dict[str, Tensor]] = [{} for _ in targets]
     col = 0
     for i, path in enumerate(paths):
-        content, headers[i] = headers[i], None  # the mapped file goes once it is summed
+        content, headers[i] = headers[i], None  # type: ignore[call-overload]  # the mapped file goes once it is summed
         for profile, state in zip(content["profiles"], _profile_states(path, content)):
             _accumulate(sums, profile, state, weights[col], path, keep_rest=i == latest)
             col += 1

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
+from typing import Any
 
 import torch
 
@@ -140,7 +141,7 @@ class Cosine(Formula):
         steps = self.total_steps
         if steps is None or isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
-        object.__setattr__(self, "total_steps", int(self.total_steps))
+        object.__setattr__(self, "total_steps", int(steps))
         object.__setattr__(self, "warm_up", _check_warm_up(self.warm_up))
 
     def _momentum(self, t, xp):
@@ -280,7 +281,7 @@ class CopyUntil(_Until):
         return 1.0 if t <= self.step else self.schedule(t - self.step)
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.where(t <= self.step, 1.0, self.schedule.on_device((t - self.step).clamp_min(0)))
+        return torch.where(t <= self.step, 1.0, self.schedule.on_device((t - self.step).clamp_min(0)))  # type: ignore[attr-defined]  # device_schedule() checked it
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,7 @@ class HoldUntil(_Until):
         return 0.0 if t < self.step else self.schedule(t)
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.where(t < self.step, 0.0, self.schedule.on_device(t))
+        return torch.where(t < self.step, 0.0, self.schedule.on_device(t))  # type: ignore[attr-defined]  # device_schedule() checked it
 
 
 @dataclass(frozen=True)
@@ -327,7 +328,7 @@ class Recount:
         return self.schedule(t // self.every + self.start)
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return self.schedule.on_device(t // self.every + self.start)
+        return self.schedule.on_device(t // self.every + self.start)  # type: ignore[attr-defined]  # device_schedule() checked it
 
 
 @dataclass(frozen=True)
@@ -356,7 +357,7 @@ class Max(_Pair):
         return max(self.first(t), self.second(t))
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(self.first.on_device(t), self.second.on_device(t))
+        return torch.maximum(self.first.on_device(t), self.second.on_device(t))  # type: ignore[attr-defined]  # device_schedule() checked it
 
 
 @dataclass(frozen=True)
@@ -372,7 +373,7 @@ class Min(_Pair):
         return min(self.first(t), self.second(t))
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(self.first.on_device(t), self.second.on_device(t))
+        return torch.minimum(self.first.on_device(t), self.second.on_device(t))  # type: ignore[attr-defined]  # device_schedule() checked it
 
 
 def sigma_rel_of(gamma: float) -> float:
@@ -438,7 +439,7 @@ class PowerFunction(Formula):
             object.__setattr__(self, "sigma_rel", sigma_rel)
             object.__setattr__(self, "gamma", gamma_of(sigma_rel))
             return
-        gamma = float(self.gamma)
+        gamma = float(self.gamma)  # type: ignore[arg-type]  # not None: sigma_rel is, and exactly one is given
         if not 0.0 < gamma < math.inf:
             raise ValueError(f"gamma must be a positive finite number, got {self.gamma}")
         object.__setattr__(self, "gamma", gamma)
@@ -479,8 +480,7 @@ def as_schedule(momentum: float | Schedule | None, decay: float | None) -> Sched
     return Constant(momentum)
 
 
-def profile_schedules(momentum: float | Schedule | dict[str, float | Schedule] | None,
-                      decay: float | dict[str, float] | None) -> dict[str | None, Schedule]:
+def profile_schedules(momentum: Any, decay: Any) -> dict[str | None, Schedule]:
     """The EMA profiles for the ``momentum=`` / ``decay=`` arguments.
 
     Args:
@@ -505,7 +505,7 @@ def profile_schedules(momentum: float | Schedule | dict[str, float | Schedule] |
     for name in given:
         if not isinstance(name, str) or not name:
             raise TypeError(f"EMA profile names must be non-empty strings, got {name!r}")
-    out = {}
+    out: dict[str | None, Schedule] = {}
     for name, value in given.items():
         try:
             out[name] = as_schedule(None, value) if decay is not None else as_schedule(value, None)
