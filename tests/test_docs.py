@@ -98,6 +98,26 @@ def test_every_public_name_has_a_docstring_listing_its_arguments():
     assert checked >= 20
 
 
+@pytest.mark.parametrize("path", sorted(p for p in INTEGRATIONS.glob("*.py") if p.name != "__init__.py"), ids=lambda p: p.stem)
+def test_integration_arguments_in_their_docstrings(path):
+    """The same for the integrations, read from their source (importing them imports the frameworks)."""
+    tree = ast.parse(path.read_text())
+    public = set(_module_all(path))
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name in public]
+    assert classes, f"{path.name}: no public class found"
+    for cls in classes:
+        doc = ast.get_docstring(cls) or ""
+        init = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+        if init is None:
+            assert doc, f"{cls.name} has no docstring"
+            continue
+        args = [a.arg for a in init.args.args + init.args.kwonlyargs if a.arg != "self"]
+        args += [f"*{init.args.vararg.arg}"] if init.args.vararg else []
+        args += [f"**{init.args.kwarg.arg}"] if init.args.kwarg else []
+        missing = [a for a in args if not re.search(rf"^\s+{re.escape(a)}( \(.*\))?:", doc, re.M)]
+        assert not missing, f"{cls.name}: arguments {missing} are not in its docstring's Args"
+
+
 def test_every_docs_page_is_in_the_nav():
     config = (ROOT / "mkdocs.yml").read_text()
     nav = set(re.findall(r"^\s+(?:- )?[^:\n]+:\s*([\w/.-]+\.md)\s*$", config.split("\nnav:", 1)[1], re.M))
