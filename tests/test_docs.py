@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import triton_ema
-from triton_ema import migrate, posthoc, schedules
+from triton_ema import export, migrate, posthoc, schedules
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -52,7 +52,7 @@ def _documented() -> set[str]:
 
 def _public_api() -> list[str]:
     out = [f"triton_ema.{name}" for name in triton_ema.__all__ if name not in ("schedules", "posthoc")]
-    for module in (schedules, posthoc, migrate):
+    for module in (schedules, posthoc, migrate, export):
         out += [f"{module.__name__}.{name}" for name in module.__all__]
     for path in sorted(INTEGRATIONS.glob("*.py")):
         if path.name != "__init__.py":
