@@ -100,14 +100,16 @@ def test_every_public_name_has_a_docstring_listing_its_arguments():
 
 @pytest.mark.parametrize("path", sorted(p for p in INTEGRATIONS.glob("*.py") if p.name != "__init__.py"), ids=lambda p: p.stem)
 def test_integration_arguments_in_their_docstrings(path):
-    """The same for the integrations, read from their source (importing them imports the frameworks)."""
+    """The same for the integrations' classes and functions, read from their source (importing them imports
+    the frameworks)."""
     tree = ast.parse(path.read_text())
     public = set(_module_all(path))
-    classes = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name in public]
-    assert classes, f"{path.name}: no public class found"
-    for cls in classes:
+    objects = [node for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name in public]
+    assert objects, f"{path.name}: no public class or function found"
+    for cls in objects:
         doc = ast.get_docstring(cls) or ""
-        init = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+        init = cls if isinstance(cls, ast.FunctionDef) else next(
+            (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
         if init is None:
             assert doc, f"{cls.name} has no docstring"
             continue

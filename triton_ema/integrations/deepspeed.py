@@ -67,7 +67,26 @@ def attach(engine: Any, momentum: float | Schedule | dict | None = None, **kwarg
 
     Takes :class:`~triton_ema.EMAOptimizer`'s arguments (``momentum`` or
     ``decay``, ``interval``, ``shadow_dtype``, ``device``, ``backend``, ...);
-    the model is the engine's module. Returns a :class:`DeepSpeedEMA`."""
+    the model is the engine's module. The EMA is of the fp32 master weights
+    this rank owns, in float32, with no collective in the step.
+
+    Args:
+        engine: The engine ``deepspeed.initialize`` returns (ZeRO 0-3, fp32,
+            bf16, ``BF16_Optimizer``; no offloading).
+        momentum: As for :class:`~triton_ema.EMAOptimizer`.
+        **kwargs: :class:`~triton_ema.EMAOptimizer`'s other arguments; not
+            ``model`` or ``update_buffers``.
+
+    Returns:
+        The :class:`DeepSpeedEMA`.
+
+    Raises:
+        TypeError: ``engine`` is not a ``DeepSpeedEngine``.
+        RuntimeError: An EMA is already attached to this engine.
+        ValueError: ``model=`` or ``update_buffers=`` given; an engine without
+            an optimizer, with offloading, or with DeepSpeed's fused fp16
+            optimizer.
+    """
     if not isinstance(engine, deepspeed.DeepSpeedEngine):
         raise TypeError(f"attach() takes the engine that deepspeed.initialize() returns, got {type(engine).__name__}: "
                         "call deepspeed.initialize(model=..., optimizer=...) first and attach to its engine")
@@ -83,7 +102,22 @@ def attach(engine: Any, momentum: float | Schedule | dict | None = None, **kwarg
 
 
 class DeepSpeedEMA:
-    """The EMA of one engine's master weights: ``swap_ema()``, ``ema_state_dict(full=)``, ``num_steps``."""
+    """The EMA of one engine's master weights: ``swap_ema()``, ``ema_state_dict(full=)``, ``num_steps``.
+
+    Made by :func:`attach`, not directly. The EMA rides in the state dict of
+    DeepSpeed's torch optimizer (``"ema"`` and ``"ema_layout"``), so
+    ``engine.save_checkpoint`` / ``load_checkpoint`` carry it.
+
+    Args:
+        engine: The engine.
+        momentum: As for :class:`~triton_ema.EMAOptimizer`.
+        kwargs: :class:`~triton_ema.EMAOptimizer`'s other arguments, a dict.
+
+    Attributes:
+        engine: The engine.
+        ema: The :class:`~triton_ema.EMAOptimizer` over this rank's master tensors.
+        layout: Where each parameter lies in the ranks' master tensors.
+    """
 
     def __init__(self, engine: Any, momentum: Any, kwargs: dict[str, Any]) -> None:
         outer = engine.optimizer
@@ -124,14 +158,23 @@ class DeepSpeedEMA:
 
     @property
     def world_size(self) -> int:
+        """The data-parallel world size the layout was made for."""
         return int(self.layout["world_size"])
 
     @contextmanager
     def swap_ema(self, name: str | None = None) -> Iterator[None]:
-        """``with ema.swap_ema():`` the engine's module computes with the EMA (of profile ``name``,
-        needed with several); on exit, also by an exception, the training weights are back, bitwise.
+        """``with ema.swap_ema():`` the engine's module computes with the EMA; on exit, also by an
+        exception, the training weights are back, bitwise.
+
         A collective under ZeRO (every rank enters it): the 16-bit weights are refreshed from
-        the swapped masters the way DeepSpeed refreshes them after a step."""
+        the swapped masters the way DeepSpeed refreshes them after a step.
+
+        Args:
+            name: The profile; required with several.
+
+        Raises:
+            RuntimeError: Nested; ``engine.step()`` or ``engine.save_checkpoint()`` inside it.
+        """
         if self._swapped:
             raise RuntimeError("swap_ema() is already active; nesting it would put training weights in the model")
         swap = self.ema.swap_ema(name)
@@ -154,7 +197,15 @@ class DeepSpeedEMA:
         gets the whole dict). ``full=False``: this rank's part only, each a 1-d piece of the
         flattened parameter (ZeRO 1/2: the elements of the parameter in this rank's partition,
         parameters outside it absent; ZeRO-3: this rank's shard, padded as DeepSpeed pads it);
-        at stage 0 every parameter whole."""
+        at stage 0 every parameter whole.
+
+        Args:
+            name: The profile; required with several.
+            full: Gather every parameter whole (a collective under ZeRO).
+
+        Returns:
+            A dict keyed like the engine's module parameters.
+        """
         shadows = self.shadows(name)
         if self.kind == "whole":
             return assemble(self.layout, [shadows])
@@ -163,7 +214,14 @@ class DeepSpeedEMA:
         return self._local_pieces(shadows)
 
     def shadows(self, name: str | None = None) -> list[Tensor]:
-        """This rank's EMA of each master tensor, in the order of the masters (copies)."""
+        """This rank's EMA of each master tensor, in the order of the masters (copies).
+
+        Args:
+            name: The profile; required with several.
+
+        Raises:
+            ValueError: A missing or unknown profile name.
+        """
         ema = self.ema.state_dict()["ema"]
         if "profiles" in ema:
             names = list(ema["profiles"])
