@@ -56,18 +56,19 @@ class EMAFrontEnd:
 
     @property
     def capturable(self) -> bool:
+        """Whether the step count and momenta live on the device (``capturable=True``)."""
         return self.core.capturable
 
     @property
     def skipped_updates(self) -> int:
         """With ``skip_nonfinite=True``: bucket updates skipped because their
-        params held NaN or Inf (reading it waits for the device)."""
+        params held NaN or Inf (reading it waits for the device). Saved and
+        restored with the checkpoint."""
         return self.core.skipped_updates
 
     def swap_ema(self, name: str | None = None) -> SwapContext:
-        """``with opt.swap_ema():`` the model holds the EMA weights (of profile
-        ``name``, needed with several); on exit, also by an exception, the
-        training weights are back, bitwise.
+        """``with opt.swap_ema():`` the model holds the EMA weights; on exit, also
+        by an exception, the training weights are back, bitwise.
 
         Inside the block the averaged parameters are the EMA: what the block
         writes to them becomes the EMA (elements it leaves alone keep their
@@ -75,27 +76,74 @@ class EMAFrontEnd:
         on exit if the block changed them (a forward in train mode), with a
         warning. If the block moves the model to another dtype or device, the
         training weights still come back (into the moved tensors), the EMA keeps
-        its values from before the move, and the exit raises an error."""
+        its values from before the move, and the exit raises an error. With equal
+        dtypes the swap is an in-place exchange; with a wider shadow the training
+        weights wait in a temporary and the shadow is never rounded. Under FSDP2,
+        with ``model=``, every FSDP2 module is resharded on entry and exit.
+
+        Args:
+            name: The profile to swap in; required with several profiles, omitted
+                with one.
+
+        Returns:
+            A context manager. Used without ``with`` it swaps nothing and warns.
+
+        Raises:
+            RuntimeError: Nested in another ``swap_ema()``; and ``step()``,
+                ``load_state_dict()`` or ``add_param_group()`` inside the block.
+            ValueError: A missing or unknown profile name (the error lists the
+                names).
+        """
         return SwapContext(self.core, self.core.profile(name), self)
 
     def ema_module(self, name: str | None = None) -> nn.Module:
-        """The EMA (of profile ``name``, needed with several) as a module with the
-        model's structure, whose averaged parameters and buffers are the EMA storage
-        itself: no copy, the current EMA after every ``step()`` (the same object keeps
-        following; calling this again returns it), ``requires_grad=False``, the
-        training model untouched. Needs ``model=``. See :mod:`triton_ema.module` for
-        dtypes, buffers and what it refuses (inside ``swap_ema()``, DTensor params)."""
+        """The EMA as a module with the model's structure, to run forward every step.
+
+        Its averaged parameters and buffers are the EMA storage itself: no copy,
+        the current EMA after every ``step()`` (the same object keeps following;
+        calling this again returns it), ``requires_grad=False``, the training
+        model untouched. It holds the shadows as stored (a bfloat16 model's EMA
+        module is float32; with ``device="cpu"`` it is on the CPU) and starts in
+        the model's train or eval mode. Needs ``model=``.
+
+        Args:
+            name: The profile; required with several profiles.
+
+        Returns:
+            The EMA module (a deep copy of the model's modules, not of its tensors).
+
+        Raises:
+            RuntimeError: Without ``model=``, or inside :meth:`swap_ema` (the
+                module itself refuses to run or give its ``state_dict()`` inside
+                :meth:`swap_ema`, or after its own tensors were replaced).
+            NotImplementedError: Sharded (DTensor, FSDP2) parameters, whose
+                forward needs the training model's all-gathers.
+            ValueError: A missing or unknown profile name.
+        """
         return ema_module(self.core, self.core.profile(name))
 
     def ema_state_dict(self, name: str | None = None, *, full: bool = False) -> dict[str, Tensor]:
-        """``model.state_dict()`` with EMA values (of profile ``name``, needed with
-        several) for every averaged tensor, in the model's dtypes; entries not
-        averaged keep the model's values. Every value is a copy: it keeps what it
-        held when this was called.
+        """``model.state_dict()`` with the EMA in place of every averaged tensor.
 
-        Sharded (DTensor) entries stay DTensors, as ``set_model_state_dict``
-        takes them; ``full=True`` gathers them into whole tensors for export
-        (a collective: every rank must call it)."""
+        Values are in the model's dtypes; entries not averaged keep the model's
+        values. Every value is a copy: it keeps what it held when this was called
+        (inside :meth:`swap_ema` too), whatever training does next. Needs
+        ``model=``.
+
+        Args:
+            name: The profile; required with several profiles.
+            full: Sharded (DTensor) entries stay DTensors by default, as
+                ``set_model_state_dict`` takes them; ``full=True`` gathers them
+                into whole tensors for export (a collective: every rank must
+                call it).
+
+        Returns:
+            A dict ready for ``model.load_state_dict``.
+
+        Raises:
+            RuntimeError: Without ``model=``.
+            ValueError: A missing or unknown profile name.
+        """
         out = {}
         for key, value, ema in model_keyed(self.core, name, "ema_state_dict()"):
             shard = local(value) if ema is None else ema
@@ -104,11 +152,26 @@ class EMAFrontEnd:
         return out
 
     def load_ema_state_dict(self, state_dict: dict[str, Tensor], *, num_steps: int) -> None:
-        """Start the EMA from weights averaged elsewhere: a dict keyed like
-        ``model.state_dict()`` (see :mod:`triton_ema.migrate` for other libraries'
-        formats), after ``num_steps`` optimizer steps, from which the schedule
-        continues; with several profiles, every profile starts from these weights.
-        Needs ``model=``. Everything is checked before anything changes."""
+        """Start the EMA from weights averaged elsewhere.
+
+        With several profiles, every profile starts from these weights. Needs
+        ``model=``. Names, shapes and dtypes are checked before anything changes;
+        entries the EMA does not average are ignored.
+
+        Args:
+            state_dict: EMA weights keyed like ``model.state_dict()`` (see
+                :mod:`triton_ema.migrate` for other libraries' formats), in the
+                model's or the shadow's dtype.
+            num_steps: The optimizer steps taken so far; the schedule continues at
+                ``t = num_steps``.
+
+        Raises:
+            RuntimeError: Without ``model=``, or inside :meth:`swap_ema`.
+            TypeError: ``state_dict`` is not a dict, or holds a non-tensor.
+            ValueError: A negative or non-integer ``num_steps``; an entry the model
+                lacks, an averaged entry missing, a wrong shape or dtype (naming
+                the entry).
+        """
         core = self.core
         core.refuse_while_swapped("load_ema_state_dict()")
         if isinstance(num_steps, bool) or not isinstance(num_steps, Integral) or num_steps < 0:
@@ -118,7 +181,9 @@ class EMAFrontEnd:
 
     @property
     def ema_checkpoint(self) -> EMACheckpoint:
-        """The ``"ema"`` part of :meth:`state_dict` as a ``torch.distributed.checkpoint``
-        ``Stateful``: put it in the dict given to ``dcp.save``/``dcp.load``
-        beside the model and the wrapped optimizer's state."""
+        """The ``"ema"`` part of :meth:`~triton_ema.EMAOptimizer.state_dict` as a ``torch.distributed.checkpoint`` ``Stateful``.
+
+        Put it in the dict given to ``dcp.save`` / ``dcp.load`` beside the model
+        and the wrapped optimizer's state (``opt.optimizer``); ``dcp.load``
+        loads the EMA in place, step count included, on any number of ranks."""
         return EMACheckpoint(self.core)

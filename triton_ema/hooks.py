@@ -74,17 +74,46 @@ class AttachHooks:
 def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | None = None, **kwargs: Any) -> EMAOptimizer:
     """Keep the EMA of an optimizer that something else built and holds, without replacing it.
 
-    Takes the arguments of :class:`EMAOptimizer`. Hooks on ``optimizer`` run
-    the EMA update inside its own ``step()`` (a step that ``GradScaler`` skips
-    updates nothing) and put ``"ema"`` in its own ``state_dict()``, checked
-    before and loaded after its ``load_state_dict()``: whoever checkpoints the
-    optimizer checkpoints the EMA. Returns the EMA, an :class:`EMAOptimizer`:
-    ``swap_ema()``, ``ema_state_dict()``, ``num_steps`` work as on a wrapper;
-    its ``step()``, ``state_dict()`` and ``load_state_dict()`` are the
-    optimizer's (one update per step, however it is called). A framework's
-    wrapper (accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``, mmengine's ``OptimWrapper``) is attached through,
-    to the optimizer inside it (``triton_ema.wrapped``)."""
+    Hooks on ``optimizer`` run the EMA update inside its own ``step()`` (a step
+    that ``GradScaler`` skips updates nothing) and put ``"ema"`` in its own
+    ``state_dict()``, checked before and loaded after its ``load_state_dict()``:
+    whoever checkpoints the optimizer checkpoints the EMA. A step pre-hook checks
+    everything that can fail before the base step. One EMA per optimizer.
+
+    Args:
+        optimizer: The ``torch.optim.Optimizer`` a framework built (Lightning,
+            the transformers Trainer, accelerate, mmengine), or the framework's
+            wrapper of it (accelerate's ``AcceleratedOptimizer``, Lightning's
+            ``LightningOptimizer``, mmengine's ``OptimWrapper``): that is
+            attached through, to the optimizer inside it (``triton_ema.wrapped``).
+        momentum: As for :class:`~triton_ema.EMAOptimizer`.
+        **kwargs: The other arguments of :class:`~triton_ema.EMAOptimizer`
+            (``decay``, ``interval``, ``model``, ``update_buffers``,
+            ``shadow_dtype``, ``device``, ``backend``, ``skip_nonfinite``,
+            ``capturable``, ``overlap``).
+
+    Returns:
+        The EMA, an :class:`~triton_ema.EMAOptimizer` whose ``attached`` is true.
+        ``swap_ema()``, ``ema_state_dict()``, ``num_steps`` work as on a wrapper;
+        its ``step()``, ``state_dict()`` and ``load_state_dict()`` are the
+        optimizer's (one update per step, however it is called). ``detach()``
+        removes the hooks and keeps the EMA.
+
+    Raises:
+        ValueError: ``optimizer`` already has an EMA attached.
+        TypeError: A wrapper that cannot be attached through (naming it and
+            where the EMA goes), or as :class:`~triton_ema.EMAOptimizer` raises
+            for bad arguments.
+
+    Example:
+        ```python
+        ema = attach(optimizer, momentum=2e-4, model=model)
+        optimizer.step()                  # the EMA updates inside it
+        optimizer.state_dict()["ema"]     # and its checkpoint carries the EMA
+        with ema.swap_ema():
+            evaluate(model)
+        ```
+    """
     optimizer = unwrap_optimizer(optimizer)  # a framework's wrapper: the optimizer inside, where that is right
     ema = EMAOptimizer(optimizer, momentum, **kwargs)
     ema.run_from(AttachHooks(ema, optimizer))

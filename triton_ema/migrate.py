@@ -130,4 +130,4 @@ def checked_values(ema: EMA, state_dict: Mapping[str, Tensor]) -> list[Tensor]:
     absent = [ema.names[i] for i, v in enumerate(values) if v is None]
     if absent:
         raise ValueError(f"{absent[0]} is averaged but not in model.state_dict(): its EMA cannot be named")
-    return [local_value(v, t) for v, t in zip(values, objects)]
+    return [local_value(v, t) for v, t in zip(values, objects)]  # type: ignore[arg-type]  # none absent: checked above

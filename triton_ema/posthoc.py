@@ -49,7 +49,26 @@ def save_snapshot(opt, folder: str | os.PathLike, dtype: torch.dtype | None = No
 
     Under FSDP2 (DTensor parameters) every rank must call it, with the same
     ``folder`` on a file system all ranks share: each rank writes its own shards
-    into one ``torch.distributed.checkpoint`` folder, ``snapshot-<time>/``."""
+    into one ``torch.distributed.checkpoint`` folder, ``snapshot-<time>/``, written
+    under a hidden name and renamed by rank 0 once complete. Under DDP call it on
+    one rank (the ranks' EMAs of the parameters are the same).
+
+    Args:
+        opt (EMAOptimizer): The :class:`~triton_ema.EMAOptimizer` (wrapper or attached), with
+            ``model=``, ``interval=1`` and at least one
+            :class:`~triton_ema.schedules.PowerFunction` profile.
+        folder: Where to write; created if missing.
+        dtype: A floating dtype for the averaged entries on disk, or None.
+
+    Returns:
+        The path of the snapshot, ``folder/snapshot-<time>.pt`` (or the folder
+        ``snapshot-<time>/`` under FSDP2).
+
+    Raises:
+        ValueError: No power-function profile, ``interval != 1``, or no step
+            taken yet.
+        TypeError: ``dtype`` is not a floating ``torch.dtype``.
+    """
     core = opt.core
     profiles = {name: s for name, s in core.schedules.items() if isinstance(s, PowerFunction)}
     if not profiles:
@@ -164,9 +183,19 @@ def power_function_correlation(t_a: Tensor, g_a: Tensor, t_b: Tensor, g_b: Tenso
 
 def solve_weights(times: Sequence[float], gammas: Sequence[float], time: float,
                   targets: Sequence[float]) -> Tensor:
-    """EDM2's least-squares weights, float64, ``[len(times), len(targets)]``: column j
-    combines the snapshots into the profile of exponent ``targets[j]`` at ``time``;
-    each column is normalised to sum 1."""
+    """EDM2's least-squares weights (its Algorithm 3), float64.
+
+    Args:
+        times: Each snapshot profile's time (``opt.num_steps`` when it was taken).
+        gammas: Each snapshot profile's exponent.
+        time: The time of the profiles to synthesize.
+        targets: The exponents of the profiles to synthesize.
+
+    Returns:
+        A ``[len(times), len(targets)]`` tensor; column j combines the snapshots
+        into the profile of exponent ``targets[j]`` at ``time``; each column is
+        normalised to sum 1.
+    """
     t_in = torch.tensor(times, dtype=torch.float64)
     g_in = torch.tensor(gammas, dtype=torch.float64)
     t_out = torch.full((len(targets),), float(time), dtype=torch.float64)
@@ -262,7 +291,8 @@ def _targets(sigma_rel, gamma) -> tuple[list[float], bool]:
 
 
 def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | None = None,
-               gamma: float | Sequence[float] | None = None, time: int | None = None):
+               gamma: float | Sequence[float] | None = None,
+               time: int | None = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
     """The EMA of profile ``sigma_rel`` (or ``gamma``) at ``time`` (default: the last
     snapshot's), combined from the snapshots in ``folder`` taken at or before ``time``:
     a float32 state dict keyed like ``model.state_dict()``. A sequence of targets gives
@@ -272,7 +302,27 @@ def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | N
     come from the latest snapshot used. Memory: one float64 accumulator per target
     and one snapshot, whatever the number of snapshots (a file is read from disk as
     it is used; a sharded snapshot one profile at a time, its shards put together
-    whatever the world size that wrote them)."""
+    whatever the world size that wrote them). It runs in one process, without a
+    process group.
+
+    Args:
+        folder: The folder :func:`save_snapshot` wrote to.
+        sigma_rel: The width of the profile to synthesize, or a sequence of them.
+        gamma: Or its exponent, or a sequence of them; give exactly one of the two.
+        time: Combine the snapshots taken at or before this time (default: the
+            last snapshot's time).
+
+    Returns:
+        A float32 state dict keyed like ``model.state_dict()``, or a list of them
+        for a sequence of targets.
+
+    Raises:
+        FileNotFoundError: No snapshot in ``folder`` (or no such folder).
+        ValueError: Both or neither of ``sigma_rel`` and ``gamma``; a time after
+            the last snapshot; snapshots of two runs in one folder; two snapshots
+            of one profile at one time; a sharded snapshot missing a rank's
+            shards; files that are not snapshots.
+    """
     targets, many = _targets(sigma_rel, gamma)
     paths, headers, time = _snapshots(Path(folder), time)
     columns = [(h["time"], p["gamma"]) for h in headers for p in h["profiles"]]

@@ -26,8 +26,9 @@ def _resolve(obj: griffe.Object, name: str) -> str:
     while scope is not None:
         if head == scope.name and not scope.parent:  # an absolute path from the package
             return name
-        if head in scope.members:
-            member = scope.members[head]
+        members = scope.all_members if scope.is_class else scope.members  # a class's inherited members too
+        if head in members:
+            member = members[head]
             base = member.target_path if member.is_alias else member.path
             return base + name[len(head):]
         scope = scope.parent
