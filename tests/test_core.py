@@ -1,6 +1,7 @@
 """The EMA core (triton_ema.ema.EMA) driven without a torch optimizer: over a plain list
 of param groups, or any object holding one, as a front end other than EMAOptimizer drives it."""
 
+import pytest
 import torch
 from conftest import DEVICE, assert_ulps
 
@@ -99,3 +100,21 @@ def test_a_swap_state_out_and_a_checked_load_in():
     fresh.load(*check_ema(fresh, state))
     assert fresh.num_steps == 2
     assert all(torch.equal(fresh.store.ema(i), shadows[i]) for i in range(2))
+
+
+def test_a_failed_after_on_entry_undoes_the_swap():
+    params = tensors((5,), (2, 2))
+    core = EMA([{"params": params}], 0.5)
+    step(core, params, 0)
+    training = [p.clone() for p in params]
+    calls = []
+
+    def after():  # a front end's refresh of the copies its model computes with; fails the first time
+        calls.append(core.swapped)
+        if len(calls) == 1:
+            raise OSError("refresh failed")
+
+    with pytest.raises(OSError, match="refresh failed"), SwapContext(core, 0, after=after):
+        calls.append("block")
+    assert calls == [True, False] and not core.swapped  # run again after the swap out; the block never ran
+    assert all(torch.equal(p, t) for p, t in zip(params, training))

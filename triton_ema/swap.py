@@ -38,7 +38,8 @@ class SwapContext:
     It swaps profile ``profile`` of ``ema`` and gives ``front`` (the object whose
     ``swap_ema()`` made it) to the with-block; ``after`` (if given) runs after the
     swap in and after the swap out, for a front end whose model holds copies of the
-    averaged tensors."""
+    averaged tensors. If it raises after the swap in, the swap is undone (``after``
+    runs again) before the error propagates."""
 
     def __init__(self, ema: EMA, profile: int = 0, front: Any = None,
                  after: Callable[[], None] | None = None) -> None:
@@ -63,7 +64,11 @@ class SwapContext:
                           for i in range(ema.num_params, len(ema.names))}
             ema.swap_in(self._profile)
             if self._after is not None:
-                self._after()
+                try:
+                    self._after()
+                except BaseException:  # the with-block never runs: the training values go back first
+                    self.__exit__(*sys.exc_info())
+                    raise
         return self._front
 
     def __exit__(self, *exc_info: object) -> None:
