@@ -91,7 +91,11 @@ class EMAFrontEnd:
         """``model.state_dict()`` with EMA values (of profile ``name``, needed with
         several) for every averaged tensor, in the model's dtypes; entries not
         averaged keep the model's values. Every value is a copy: it keeps what it
-        held when this was called.
+        held when this was called. The keys are ``model.state_dict()``'s: with
+        ``model=`` a wrapper (DDP, ``torch.compile``, ...) they carry its prefixes
+        (``module.``, ``_orig_mod.``) and load into that wrapper;
+        ``triton_ema.load_ema_weights(opt.state_dict(), model=bare)`` gives the same
+        keyed for the bare model.
 
         Sharded (DTensor) entries stay DTensors, as ``set_model_state_dict``
         takes them; ``full=True`` gathers them into whole tensors for export
@@ -108,7 +112,8 @@ class EMAFrontEnd:
         ``model.state_dict()`` (see :mod:`triton_ema.migrate` for other libraries'
         formats), after ``num_steps`` optimizer steps, from which the schedule
         continues; with several profiles, every profile starts from these weights.
-        Needs ``model=``. Everything is checked before anything changes."""
+        Needs ``model=``. Keys match the model's once wrapper prefixes (``module.``,
+        ``_orig_mod.``, ...) are removed. Everything is checked before anything changes."""
         core = self.core
         core.refuse_while_swapped("load_ema_state_dict()")
         if isinstance(num_steps, bool) or not isinstance(num_steps, Integral) or num_steps < 0:
