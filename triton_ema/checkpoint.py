@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor
 
+from .names import canonical, rekeyed, unwrapped, wrapper_difference, wrapper_hint
 from .schedules import PowerFunction
 from .sharding import like, local_value
 
@@ -26,7 +27,9 @@ class Checked(NamedTuple):
 
 
 def ema_state(ema: EMA) -> dict[str, Any]:
-    """The "ema" entry of ``opt.state_dict()``."""
+    """The "ema" entry of ``opt.state_dict()``. Names are saved without wrapper prefixes
+    (:func:`~triton_ema.names.canonical`), so that a checkpoint of a wrapped model and one of
+    the bare model are alike (``torch.distributed.checkpoint`` matches the keys it loads)."""
     ema.adopt_new_params()
     n = ema.num_params
     state = {"step": ema.num_steps, "interval": ema.interval, "skipped_updates": ema.store.skipped()}
@@ -35,7 +38,7 @@ def ema_state(ema: EMA) -> dict[str, Any]:
     else:
         state["profiles"] = {name: profile_state(ema, k) for k, name in enumerate(ema.schedules)}
     if ema.model is not None:
-        state["names"] = ema.names[:n]
+        state["names"] = canonical(ema.names[:n])
     if any(isinstance(s, PowerFunction) for s in ema.schedules.values()):
         state["run"] = ema.run_id  # post-hoc snapshots of a resumed run stay one run
     return state
@@ -49,7 +52,7 @@ def profile_state(ema: EMA, profile: int) -> dict[str, dict]:
     shadow = [like(store.ema(i, profile).detach().clone() if copy else store.ema(i, profile).detach(), objects[i])
               for i in range(len(store))]
     return {"shadow": dict(enumerate(shadow[:n])),
-            "buffers": {name: shadow[n + j] for j, name in enumerate(ema.tracking.buffer_names)}}
+            "buffers": dict(zip(canonical(ema.tracking.buffer_names), shadow[n:]))}
 
 
 def check_load(ema: EMA, state_dict: dict[str, Any], match_names: bool) -> Checked | None:
@@ -110,9 +113,12 @@ def _check_profile(core: EMA, entry: Any, profile: int, where: str, match_names:
             raise TypeError(f"{where}['{key}'] must be a dict, got {type(entries).__name__}")
         if key == "buffers" and not match_names and len(entries) == len(expected):
             entries = dict(zip(expected, entries.values()))
+        elif key == "buffers":
+            entries = rekeyed(entries, expected, f"{where}['buffers']")
         unexpected = [k for k in entries if k not in set(expected)]
         if unexpected:
-            raise ValueError(f"{where}['{key}'] has entries this EMA does not track: {unexpected[:5]}")
+            raise ValueError(f"{where}['{key}'] has entries this EMA does not track: {unexpected[:5]}"
+                             f"{wrapper_hint(str(unexpected[0]), map(str, expected))}")
         for k in expected:
             i = len(values)
             name = store.names[i]
@@ -132,17 +138,18 @@ def _check_profile(core: EMA, entry: Any, profile: int, where: str, match_names:
     return [local_value(v, t) for v, t in zip(values, objects)]
 
 def _check_names(core: EMA, saved: Any) -> None:
-    """The checkpoint's parameter names, where it has them (and ``model=`` gives ours), are ours."""
+    """The checkpoint's parameter names, where it has them (and ``model=`` gives ours), are ours
+    once wrapper prefixes are removed."""
     if saved is None or core.model is None:
         return  # saved without model=, or before names were saved: matched by position
     ours = core.names[:core.num_params]
     if not isinstance(saved, (list, tuple)) or not all(isinstance(name, str) for name in saved):
         raise TypeError(f"state_dict['ema']['names'] must be a list of parameter names, got {saved!r:.80}")
     for i, (theirs, mine) in enumerate(zip(saved, ours)):
-        if theirs != mine:
-            raise ValueError(f"the checkpoint's shadow {i} is for {theirs!r}, this model's parameter {i} is {mine!r} "
-                             "(a checkpoint of another model?); after a deliberate rename, load with "
-                             "match_names=False")
+        if theirs != mine and unwrapped(theirs) != unwrapped(mine):
+            why = wrapper_difference(theirs, mine) or " (a checkpoint of another model?)"
+            raise ValueError(f"the checkpoint's shadow {i} is for {theirs!r}, this model's parameter {i} is {mine!r}"
+                             f"{why}; after a deliberate rename, load with match_names=False")
     if len(saved) != len(ours):
         raise ValueError(f"the checkpoint has shadows for {len(saved)} parameters, this optimizer has {len(ours)}")
 
@@ -161,21 +168,44 @@ class EMACheckpoint:
         self._ema.load(*check_ema(self._ema, state_dict))
 
 
+def averaged_keys(ema: EMA, entries: dict[str, Any]) -> dict[str, int]:
+    """Each key of ``model.state_dict(keep_vars=True)`` whose value is an averaged tensor, and its
+    index: by identity (the buffers the model holds now), else by name once wrapper prefixes are
+    removed, where the shapes agree (a wrapper whose state dict holds copies: FSDP1)."""
+    index = ema.tracking.positions()
+    out = {key: index[id(value)] for key, value in entries.items() if id(value) in index}
+    found, objects = set(out.values()), ema.tracking.objects
+    unmatched: dict[str, int | None] = {}
+    for i, name in enumerate(ema.names):
+        if i not in found:
+            u = unwrapped(name)
+            unmatched[u] = None if u in unmatched else i  # None: two of them, not told apart by name
+    if not unmatched:
+        return out
+    for key, value in entries.items():
+        i = unmatched.get(unwrapped(key)) if key not in out and isinstance(key, str) else None
+        if i is not None and isinstance(value, Tensor) and value.shape == objects[i].shape:
+            out[key] = i
+    return out
+
+
 def model_keyed(ema: EMA, name: str | None, what: str):
     """(key, the model's value, profile ``name``'s EMA of it as stored or None) for ``model.state_dict()``."""
     profile = ema.profile(name)
     if ema.model is None:
         raise RuntimeError(f"{what} needs the model: pass model= to EMAOptimizer")
     ema.adopt_new_params()
-    index = ema.tracking.positions()
-    for key, value in ema.model.state_dict(keep_vars=True).items():
-        i = index.get(id(value))
+    entries = ema.model.state_dict(keep_vars=True)
+    index = averaged_keys(ema, entries)
+    for key, value in entries.items():
+        i = index.get(key)
         yield key, value, None if i is None else ema.store.ema(i, profile)
 
 
 def snapshot_state(ema: EMA, name: str | None) -> tuple[dict[str, Tensor], set[str]]:
-    """Profile ``name``'s EMA keyed like ``model.state_dict()`` in the shadows' dtype (no copy),
-    and the keys that are averaged."""
+    """Profile ``name``'s EMA keyed like ``model.state_dict()`` without wrapper prefixes
+    (:func:`~triton_ema.names.canonical`) in the shadows' dtype (no copy), and the keys that are averaged."""
     entries = list(model_keyed(ema, name, "a post-hoc snapshot"))
-    out = {key: value.detach() if e is None else like(e.detach(), value) for key, value, e in entries}
-    return out, {key for key, _, e in entries if e is not None}
+    keys = canonical([key for key, _, _ in entries])
+    out = {key: value.detach() if e is None else like(e.detach(), value) for key, (_, value, e) in zip(keys, entries)}
+    return out, {key for key, (_, _, e) in zip(keys, entries) if e is not None}

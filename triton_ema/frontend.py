@@ -125,6 +125,12 @@ class EMAFrontEnd:
     def ema_state_dict(self, name: str | None = None, *, full: bool = False) -> dict[str, Tensor]:
         """``model.state_dict()`` with the EMA in place of every averaged tensor.
 
+        The keys are ``model.state_dict()``'s: with ``model=`` a wrapper (DDP,
+        ``torch.compile``, ...) they carry its prefixes (``module.``,
+        ``_orig_mod.``) and load into that wrapper;
+        ``triton_ema.load_ema_weights(opt.state_dict(), model=bare)`` gives the
+        same keyed for the bare model.
+
         Values are in the model's dtypes; entries not averaged keep the model's
         values. Every value is a copy: it keeps what it held when this was called
         (inside :meth:`swap_ema` too), whatever training does next. Needs
@@ -155,8 +161,9 @@ class EMAFrontEnd:
         """Start the EMA from weights averaged elsewhere.
 
         With several profiles, every profile starts from these weights. Needs
-        ``model=``. Names, shapes and dtypes are checked before anything changes;
-        entries the EMA does not average are ignored.
+        ``model=``. Keys match the model's once wrapper prefixes (``module.``,
+        ``_orig_mod.``, ...) are removed. Names, shapes and dtypes are checked
+        before anything changes; entries the EMA does not average are ignored.
 
         Args:
             state_dict: EMA weights keyed like ``model.state_dict()`` (see

@@ -1,7 +1,10 @@
 """Bring an EMA kept by another library into :class:`EMAOptimizer`.
 
 ``opt.load_ema_state_dict(state_dict, num_steps=n)`` takes a model-keyed
-dict, as ``model.state_dict()`` or ``opt.ema_state_dict()`` key it. Most
+dict, as ``model.state_dict()`` or ``opt.ema_state_dict()`` key it; keys
+match the model's once wrapper prefixes (``module.``, ``_orig_mod.``, ...)
+are removed, so a dict of the bare model loads into a wrapped one and the
+reverse. Most
 libraries hold one already (timm's ``model_ema.module.state_dict()``,
 ema-pytorch's ``ema.ema_model.state_dict()``, the ``"state_dict"`` of an
 mmengine checkpoint saved with its ``EMAHook``); the functions here convert
@@ -23,6 +26,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from .checkpoint import averaged_keys
+from .names import rekeyed, unwrapped, wrapper_hint
 from .sharding import local_value
 
 if TYPE_CHECKING:
@@ -74,7 +79,9 @@ def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Ten
 def from_mmcv(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """The EMA mmcv 1.x's ``EMAHook`` keeps in a model's state dict, keyed by parameter name.
 
-    mmcv 1.x ``EMAHook`` keeps the EMA of parameter ``a.b`` in the buffer ``ema_a_b``.
+    mmcv 1.x ``EMAHook`` keeps the EMA of parameter ``a.b`` in the buffer ``ema_a_b``
+    (``a.b`` as the unwrapped model names it: the hook reads the module inside a
+    DDP wrapper).
 
     Args:
         state_dict: The checkpoint's ``"state_dict"`` (with the ``ema_*`` buffers).
@@ -87,10 +94,11 @@ def from_mmcv(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, T
         ValueError: A parameter has no ``ema_*`` buffer (naming the first).
     """
     out, missing = {}, []
+    buffers = {unwrapped(str(k)): v for k, v in state_dict.items()}  # also a wrapped model's state dict
     for name, _ in model.named_parameters():
-        key = "ema_" + name.replace(".", "_")
-        if key in state_dict:
-            out[name] = state_dict[key]
+        key = "ema_" + unwrapped(name).replace(".", "_")
+        if key in buffers:
+            out[name] = buffers[key]
         else:
             missing.append(key)
     if missing:
@@ -106,14 +114,16 @@ def checked_values(ema: EMA, state_dict: Mapping[str, Tensor]) -> list[Tensor]:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict keyed like model.state_dict(), got {type(state_dict).__name__}")
     model_entries = ema.model.state_dict(keep_vars=True)
+    state_dict = rekeyed(state_dict, model_entries, "the EMA state dict")  # names match without wrapper prefixes
     unknown = [key for key in state_dict if key not in model_entries]
     if unknown:
-        raise ValueError(f"the EMA state dict has entries the model does not: {unknown[:5]}")
+        why = wrapper_hint(str(unknown[0]), model_entries) or f" (the model's first are {list(model_entries)[:3]})"
+        raise ValueError(f"the EMA state dict has entries the model does not: {unknown[:5]}{why}")
+    index = averaged_keys(ema, model_entries)
     objects = ema.tracking.objects
-    index = ema.tracking.positions()
     values: list[Tensor | None] = [None] * len(objects)
     for name, target in model_entries.items():
-        i = index.get(id(target))
+        i = index.get(name)
         if i is None:
             continue  # not averaged: the model's own business
         if name not in state_dict:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import snapshot_state
+from .names import canonical
 from .schedules import PowerFunction
 from .sharding import is_dtensor
 
@@ -39,8 +40,9 @@ HEADER = "header.pt"  # in a sharded snapshot's folder, beside the checkpoint's 
 
 
 def save_snapshot(opt, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write every power-function profile's EMA (keyed like ``model.state_dict()``), with
-    its gamma and the time ``opt.num_steps``, to ``folder``; returns the snapshot's path.
+    """Write every power-function profile's EMA (keyed like the bare model's ``state_dict()``:
+    wrapper prefixes removed), with its gamma and the time ``opt.num_steps``, to ``folder``;
+    returns the snapshot's path.
 
     ``dtype`` (float16, bfloat16, ...) makes the floating entries compact on disk;
     None keeps the shadows' dtype. The snapshot appears whole or not at all: it is
@@ -296,7 +298,9 @@ def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | N
     """The EMA of profile ``sigma_rel`` (or ``gamma``) at ``time`` (default: the last
     snapshot's), combined from the snapshots in ``folder`` taken at or before ``time``:
     a float32 state dict keyed like ``model.state_dict()``. A sequence of targets gives
-    a list of state dicts, all from one pass over the files.
+    a list of state dicts, all from one pass over the files. Keys carry no wrapper
+    prefixes (``module.``, ``_orig_mod.``, ...): the bare model's ``load_state_dict``
+    takes the result, whether the snapshots were taken of it or of a wrapper around it.
 
     Entries that are not averaged (integer buffers, buffers without ``update_buffers``)
     come from the latest snapshot used. Memory: one float64 accumulator per target
@@ -343,8 +347,12 @@ def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | N
 
 def _accumulate(sums: list[dict[str, Tensor]], profile: dict, state: dict[str, Tensor], weights: Tensor, path: Path,
                 keep_rest: bool) -> None:
-    averaged = set(profile["averaged"])
-    for key, value in state.items():
+    # Keys without wrapper prefixes (as save_snapshot writes them; a file may hold them otherwise), so that
+    # snapshots of the bare model and of a wrapper around it combine.
+    keys = dict(zip(state, canonical(list(state))))
+    averaged = {keys.get(key, key) for key in profile["averaged"]}
+    for old, value in state.items():
+        key = keys[old]
         for total, w in zip(sums, weights.tolist()):
             if key not in averaged:
                 if keep_rest:

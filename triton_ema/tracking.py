@@ -36,7 +36,9 @@ class Tracking:
         return [local(t) for t in self.objects], names + self.buffer_names
 
     def positions(self) -> dict[int, int]:
-        """Each averaged tensor's index, by ``id()`` of the object the user holds."""
+        """Each averaged tensor's index, by ``id()`` of the object the model holds now: buffers
+        that ``module.to()`` replaced are taken first (their EMA stays where it is in the store)."""
+        self._take_buffers(strict=False)
         return {id(t): i for i, t in enumerate(self.objects)}
 
     @property
