@@ -26,7 +26,7 @@ def _tiny_params():
 def bench_storage_check(benchmark):
     opt = EMAOptimizer(torch.optim.SGD(_tiny_params(), lr=0.0), momentum=1e-3)
     benchmark.extra_info.update(job="storage check", tensors=HOST_TENSORS)
-    benchmark(opt._store.refresh)
+    benchmark(opt.core.store.refresh)
 
 
 def bench_host_step(benchmark):

@@ -64,10 +64,15 @@ def rank_main(rank, world, store, variant, width, depth, steps, out):
         from triton_ema.integrations.deepspeed import attach
 
         ema = attach(engine, decay=0.999)
-        # The update alone: EMAOptimizer.step() runs its step hooks around it (the masters' own step does nothing).
-        marks = []
-        ema.ema.register_step_pre_hook(lambda *_: marks.append(time.perf_counter()))
-        ema.ema.register_step_post_hook(lambda *_: ema_times.append(time.perf_counter() - marks.pop()))
+        # The update alone: the core's after_step, which the adaptor calls once every master has stepped.
+        after_step = ema.core.after_step
+
+        def timed(update):
+            start = time.perf_counter()
+            after_step(update)
+            ema_times.append(time.perf_counter() - start)
+
+        ema.core.after_step = timed
     ema_bytes, step_times, ema_times = 0, [], []
     if variant == "triton-ema":
         ema_bytes = sum(t.numel() * t.element_size() for t in ema.shadows())

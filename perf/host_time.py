@@ -58,7 +58,7 @@ def main(argv=None) -> None:
         shadows = [p.clone() for p in params]
         idle = _Idle(tiny(n))
         us = least_us({"lerp": functools.partial(torch._foreach_lerp_, shadows, params, 1e-3), "base": idle.step,
-                       "step": opt.step, "module": with_module.step, "check": opt._store.refresh}, args.batches)
+                       "step": opt.step, "module": with_module.step, "check": opt.core.store.refresh}, args.batches)
         lerp, base, step, step_module, check = us.values()
         print(f"{n:5d} tensors: EMA part {step - lerp - base:7.1f} (with an ema_module {step_module - lerp - base:7.1f}; "
               f"storage check {check:6.1f}); step {step:7.1f}, bare lerp {lerp:7.1f}, idle base step {base:5.1f}")

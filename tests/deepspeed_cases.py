@@ -268,8 +268,11 @@ def errors(folder):
     out = {"plain module": _error(lambda: attach(model, momentum=MOMENTUM)),
            "plain optimizer": _error(lambda: attach(torch.optim.SGD(model.parameters(), lr=0.1), momentum=MOMENTUM))}
     engine = build("stage2-bf16")
-    attach(engine, momentum=MOMENTUM)
+    ema = attach(engine, momentum=MOMENTUM)
     out["twice"] = _error(lambda: attach(engine, momentum=MOMENTUM))
+    out["ema_module"] = _error(lambda: ema.ema_module())
+    out["ema_checkpoint"] = _error(lambda: ema.ema_checkpoint)
+    out["load_ema_state_dict"] = _error(lambda: ema.load_ema_state_dict({}, num_steps=0))
     out["model="] = _error(lambda: attach(build("stage1-fp32"), momentum=MOMENTUM, model=model))
     bare, *_ = deepspeed.initialize(model=Net(), config=config("stage0-fp32"))
     out["no optimizer"] = _error(lambda: attach(bare, momentum=MOMENTUM))

@@ -174,7 +174,7 @@ def run_fsdp(rank, world, store, out, mixed=False, device="cpu", backend="torch"
 
     _init(rank, world, store, device)
     model, opt = build("fsdp", backend=backend, mixed=mixed, device=device)
-    backends = sorted({b.backend.name for b in opt._store.buckets})
+    backends = sorted({b.backend.name for b in opt.core.store.buckets})
     local_numel = sum(sharding.local(p).numel() for p in model.parameters())
     train(model, opt, range(STEPS))
     x = data(99)[0].to(device)

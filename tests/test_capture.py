@@ -21,7 +21,7 @@ def wrapper(backend, interval=1, momentum=PROFILES, capturable=True, seed=0, **k
 
 
 def profile_shadows(opt):
-    return {name: [v.detach().double().clone() for v in profile_state(opt, k)["shadow"].values()]
+    return {name: [v.detach().double().clone() for v in profile_state(opt.core, k)["shadow"].values()]
             for k, name in enumerate(opt.schedules)}
 
 
@@ -56,11 +56,11 @@ def test_the_device_counter_resumes_bitwise(backend):
     resumed_model, resumed = wrapper(backend, interval=2, seed=3)
     resumed_model.load_state_dict(checkpoint["model"])
     resumed.load_state_dict(checkpoint["opt"])
-    assert resumed.num_steps == 4 and int(resumed._clock.step) == 4
+    assert resumed.num_steps == 4 and int(resumed.core.clock.step) == 4
     for batch in data[4:]:
         train_step(resumed_model, resumed, batch)
     for k in range(len(PROFILES)):
-        for a, b in zip(profile_state(opt, k)["shadow"].values(), profile_state(resumed, k)["shadow"].values()):
+        for a, b in zip(profile_state(opt.core, k)["shadow"].values(), profile_state(resumed.core, k)["shadow"].values()):
             assert torch.equal(a, b)
     assert resumed.num_steps == 8
 
@@ -86,7 +86,7 @@ def test_attach_runs_the_same_device_schedule(backend):
     ema = attach(base, momentum=PROFILES, model=other, backend=backend, capturable=True)
     for batch in batches(5, device=DEVICE):
         train_step(other, base, batch)
-    assert ema.num_steps == 5 and int(ema._clock.step) == 5
+    assert ema.num_steps == 5 and int(ema.core.clock.step) == 5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="capturing a CUDA graph needs a GPU")

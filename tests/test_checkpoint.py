@@ -136,6 +136,21 @@ def test_ema_state_dict_loads_into_the_model():
     assert all(torch.equal(v, swapped[k]) for k, v in deployed.state_dict().items())
 
 
+def test_ema_state_dict_follows_buffers_the_model_replaced():
+    """``model.double()`` replaces the buffer objects: what maps the model's tensors to the EMA follows them."""
+    model, opt = build(interval=1)
+    for batch in batches(2, device=DEVICE):
+        train_step(model, opt, batch)
+    before = clones(opt.ema_state_dict())
+    assert not torch.equal(before["bn.running_var"], model.bn.running_var)
+    model.double()
+    after = clones(opt.ema_state_dict())
+    assert same(after, {k: v.double() if v.is_floating_point() else v for k, v in before.items()})
+    # load_ema_state_dict finds every averaged buffer too, and takes the model's new dtype.
+    opt.load_ema_state_dict(after, num_steps=2)
+    assert same(opt.ema_state_dict(), after)
+
+
 def test_ema_state_dict_needs_the_model():
     opt = EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), momentum=Warmup(0.1))
     with pytest.raises(RuntimeError, match="pass model="):

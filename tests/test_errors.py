@@ -10,6 +10,7 @@ from conftest import BACKENDS, DEVICE
 from models import make_model
 
 from triton_ema import EMAOptimizer, attach, posthoc
+from triton_ema.ema import EMA
 from triton_ema.schedules import (
     Constant,
     CopyUntil,
@@ -289,6 +290,14 @@ def importing(edit, num_steps=3, **kw):
     return run
 
 
+def buffers_twice():
+    opt = wrapper(update_buffers=True)
+    sd = opt.state_dict()
+    buffers = sd["ema"]["buffers"]
+    buffers["module.bn.running_mean"] = buffers["bn.running_mean"]
+    opt.load_state_dict(sd)
+
+
 def no_model_for_ema_state_dict():
     EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), momentum=0.1).ema_state_dict()
 
@@ -431,6 +440,11 @@ ERRORS = [
     ("shadow missing", loading(lambda sd: sd["ema"]["shadow"].pop(6)), ValueError, "no shadow for fc.bias"),
     ("names of another model", loading(lambda sd: sd["ema"]["names"].__setitem__(1, "head.weight")), ValueError,
      "shadow 1 is for 'head.weight', this model's parameter 1 is 'conv.weight'.*match_names=False"),
+    ("names differ by a module. inside", loading(lambda sd: sd["ema"]["names"].__setitem__(1, "conv.module.weight")),
+     ValueError, "shadow 1 is for 'conv.module.weight', this model's parameter 1 is 'conv.weight' \\('conv.module.weight' "
+     "and 'conv.weight' differ only by 'module.' components inside the name"),
+    ("buffers twice once unwrapped", buffers_twice, ValueError,
+     "\\['buffers'\\] has two entries for 'bn.running_mean': 'bn.running_mean' and 'module.bn.running_mean'"),
     ("names not a list", loading(lambda sd: sd["ema"].__setitem__("names", 3)), TypeError,
      "\\['names'\\] must be a list of parameter names, got 3"),
     ("names missing one", loading(lambda sd: sd["ema"]["names"].pop()), ValueError,
@@ -474,6 +488,9 @@ ERRORS = [
      "EMA of fc.bias has shape \\(2,\\), the model's has \\(7,\\)"),
     ("import: wrong dtype", importing(lambda sd: sd.__setitem__("fc.bias", torch.zeros(7, dtype=torch.int32))),
      ValueError, "EMA of fc.bias has dtype torch.int32; expected the model's torch.float32"),
+    ("import: an entry twice once unwrapped", importing(lambda sd: sd.__setitem__("module.fc.bias", sd["fc.bias"])),
+     ValueError, "the EMA state dict has two entries for 'fc.bias': 'fc.bias' and 'module.fc.bias' \\(the same name once "
+     "wrapper prefixes are removed\\)"),
     ("import: negative step count", importing(lambda sd: None, num_steps=-1), ValueError,
      "num_steps must be a non-negative integer, got -1"),
     ("import without model", lambda: EMAOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), momentum=0.1)
@@ -515,6 +532,10 @@ ERRORS = [
      "cannot tell the format from 'ema.txt': name it .safetensors, .pt, .pth or .bin"),
     ("lightning test of a checkpoint without EMA", lightning_test_without_ema, RuntimeError,
      "EMACallback: the checkpoint's EMA cannot be read \\(the checkpoint is a Lightning checkpoint without an EMA"),
+    ("EMA core over parameters, not groups", lambda: EMA(make_model().parameters(), 0.1), TypeError,
+     "param_groups must be a list of dicts with 'params', .* got generator"),
+    ("EMA core over a list of tensors", lambda: EMA([torch.ones(2)], 0.1), TypeError,
+     "param_groups must be a list of dicts with 'params', .* got list"),
     # misuse
     ("nested swap", nested_swap, RuntimeError, "swap_ema\\(\\) is already active"),
     ("step inside swap", step_in_swap, RuntimeError, "step\\(\\) inside swap_ema\\(\\)"),

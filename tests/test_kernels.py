@@ -112,6 +112,25 @@ def test_momenta_read_from_memory_update_as_momenta_passed_as_values(pair):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)], ids=pair_id)
+def test_a_set_skip_flag_writes_nothing_and_a_clear_one_updates(pair):
+    """The skip flag is read beside the table row and only the stores wait on it: set, every
+    shadow row keeps its bits (full chunks and tails); clear, the update is the usual one."""
+    p_dtype, s_dtype = pair
+    params = make_tensors([3000, 2048, 7], p_dtype)
+    bucket = triton_bucket(params, s_dtype, profiles=2)
+    before = bucket.shadows.clone()
+    bucket.backend.update(bucket, [0.25, 0.75], torch.ones((), dtype=torch.int32, device=DEVICE))
+    bits = {2: torch.int16, 4: torch.int32}[s_dtype.itemsize]
+    assert torch.equal(bucket.shadows.view(bits), before.view(bits))  # the NaN padding too
+    olds = [[v.clone() for v in views] for views in bucket.profile_views]
+    bucket.backend.update(bucket, [0.25, 0.75], torch.zeros((), dtype=torch.int32, device=DEVICE))
+    for views, old_views, m in zip(bucket.profile_views, olds, (0.25, 0.75)):
+        for s, old, p in zip(views, old_views, params):
+            p64, s64 = p.double(), old.double()
+            assert_ulps(s, s64 + m * (p64 - s64), scale=torch.maximum(p64.abs(), s64.abs()))
+
+
 @pytest.mark.parametrize("sizes", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_exchange_is_bitwise(sizes, dtype):
@@ -180,10 +199,12 @@ def test_storage_rebinding_rebuilds_the_table():
     p = torch.nn.Parameter(torch.zeros(3000, device=DEVICE))
     opt = EMAOptimizer(torch.optim.SGD([p], lr=0.1), momentum=0.5, backend="triton")
     opt.step()
-    table_before = opt._store.buckets[0].cache["table"][0].clone()
+    before = opt.core.store.buckets[0].cache["table"]
+    table_before = torch.cat([before.full, before.tail]).clone()  # one full chunk and a tail
     p.data = torch.full((3000,), 2.0, device=DEVICE)  # the old storage is freed
     opt.step()
-    assert not torch.equal(opt._store.buckets[0].cache["table"][0], table_before)  # (table, rows, grid, typed)
+    after = opt.core.store.buckets[0].cache["table"]
+    assert not torch.equal(torch.cat([after.full, after.tail]), table_before)
     assert torch.all(opt.state_dict()["ema"]["shadow"][0] == 1.0)
 
 
@@ -195,39 +216,33 @@ def ptx_report():
     return json.loads(out.stdout)
 
 
-def _vector_counts(report, esizes):
-    per_thread = report["block"] // (32 * report["num_warps"])
-    return [per_thread * e // 16 for e in esizes]
-
-
-@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
-def test_full_chunks_compile_to_128_bit_accesses(ptx_report, pair):
-    """Every element of a full chunk moves through ld/st.global.v4 (128-bit) on sm_90."""
-    p_dtype, s_dtype = pair
-    ep, es = p_dtype.itemsize, s_dtype.itemsize
-    key = pair_id(pair).replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16").replace("-", "/")
-    # without and with skip_nonfinite, 4 profiles (the param read once, 4 shadows read and written),
-    # and 2 profiles with the momenta read from memory (capturable=True)
-    for variant, k in (("update", 1), ("update_checked", 1), ("update_4_profiles", 4), ("update_2_from_memory", 2)):
-        ld, st = _vector_counts(ptx_report, [ep + k * es, k * es])
-        upd = ptx_report[variant][key]
-        assert (upd["ld"].get("128"), upd["st"].get("128")) == (ld, st)
-    if s_dtype == torch.float32:
-        scan = ptx_report["nonfinite"][key.split("/")[0]]
-        assert scan["ld"].get("128") == _vector_counts(ptx_report, [ep])[0]
-    for direction, (src, dst) in (("to_flat", (ep, es)), ("to_params", (es, ep))):
-        acc = ptx_report["copy"][f"{key}/{direction}"]
-        assert (acc["ld"].get("128"), acc["st"].get("128")) == tuple(_vector_counts(ptx_report, [src, dst]))
-    if p_dtype == s_dtype:
-        acc = ptx_report["swap"][key]
-        assert (acc["ld"].get("128"), acc["st"].get("128")) == tuple(_vector_counts(ptx_report, [2 * ep, 2 * ep]))
-
-
 def test_changing_momentum_and_table_length_never_recompile(ptx_report):
     # One specialisation key for every momentum, table length and bucket size: one compiled kernel
-    # per dtype pair and number of profiles.
+    # per dtype pair, number of profiles and path (full chunks or tails).
     assert len(ptx_report["update_keys"]) == 1
     assert len(ptx_report["update_keys_2_profiles"]) == 1
+
+
+@pytest.mark.parametrize("sizes", [[5000, 2048, 100, 0, 4096], mixed_sizes(50)], ids=["few", "50-mixed"])
+def test_tables_cover_every_element_once_full_chunks_aligned(sizes):
+    """Full rows: 16-byte-aligned runs of exactly BLOCK elements; tails: the rest; together every
+    element of every param once, at its offset in the flat shadow."""
+    from triton_ema.triton_backend import ALIGN_BYTES, BLOCK, TritonBackend
+
+    params = make_tensors(sizes, torch.float32)
+    bucket = triton_bucket(params, torch.float32)
+    tables = TritonBackend.tables(bucket)
+    assert tables.block == BLOCK and tables.full.shape[0] and tables.tail.shape[0]
+    full, tail = tables.full.cpu(), tables.tail.cpu()
+    assert torch.all(full[:, 2] == BLOCK) and torch.all(full[:, 0] % ALIGN_BYTES == 0) and torch.all(full[:, 1] % 16 == 0)
+    assert torch.all((tail[:, 2] > 0) & (tail[:, 2] <= BLOCK))
+    covered = sorted((int(a), int(o), int(n)) for a, o, n in torch.cat([full, tail]).tolist())
+    expected = []
+    for p, off in zip(params, bucket.offsets):
+        for start in range(0, p.numel(), BLOCK):
+            expected.append((p.data_ptr() + 4 * start, off + start, min(BLOCK, p.numel() - start)))
+    # an unaligned param's chunks all go to the tail table, cut at the same places
+    assert covered == sorted(expected)
 
 
 def test_auto_picks_triton_only_for_cuda(monkeypatch):
@@ -235,7 +250,7 @@ def test_auto_picks_triton_only_for_cuda(monkeypatch):
 
     p = torch.nn.Parameter(torch.randn(10, device=DEVICE))
     opt = EMAOptimizer(torch.optim.SGD([p], lr=0.1), momentum=0.1, backend="auto")
-    assert opt._store.buckets[0].backend.name == ("triton" if DEVICE.type == "cuda" else "torch")
+    assert opt.core.store.buckets[0].backend.name == ("triton" if DEVICE.type == "cuda" else "torch")
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU tensors need the interpreter; on a GPU machine they are not used")

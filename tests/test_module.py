@@ -38,7 +38,7 @@ def test_its_tensors_are_the_ema_storage_and_follow_every_step(backend):
     assert not any(p.requires_grad for p in target.parameters())
     assert not any(p is q for p in target.parameters() for q in model.parameters())
     for i, p in enumerate(target.parameters()):  # aliases of the shadows, not copies
-        assert p.data_ptr() == opt._store.ema(i).data_ptr()
+        assert p.data_ptr() == opt.core.store.ema(i).data_ptr()
     for batch in batches(4, device=DEVICE):
         train_step(model, opt, batch)
         assert_shows_the_ema(target, opt)
@@ -73,7 +73,7 @@ def test_bf16_params_give_a_float32_module_without_a_copy(backend):
     assert {p.dtype for p in target.parameters()} == {torch.float32}  # the shadows as stored
     train_step(model, opt, batches(1, dtype=torch.bfloat16, device=DEVICE)[0])
     for i, p in enumerate(target.parameters()):
-        assert p.data_ptr() == opt._store.ema(i).data_ptr()
+        assert p.data_ptr() == opt.core.store.ema(i).data_ptr()
     assert_shows_the_ema(target, opt)
     x = batches(1, device=DEVICE)[0][0]
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
@@ -147,7 +147,7 @@ def test_it_follows_params_whose_storage_was_replaced(backend):
     assert [p.data_ptr() for p in target.parameters()] != before
     assert_shows_the_ema(target, opt)
     for i, p in enumerate(target.parameters()):
-        assert p.data_ptr() == opt._store.ema(i).data_ptr()
+        assert p.data_ptr() == opt.core.store.ema(i).data_ptr()
 
 
 def test_params_added_later_join_it(backend):
@@ -180,7 +180,7 @@ def test_copies_of_the_optimizer_leave_it_behind(backend):
     model, opt = wrapper(backend)
     target = opt.ema_module()
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert clone._module_links == {}
+        assert clone.core.module_links == {}
     train_step(model, opt, batches(1, device=DEVICE)[0])
     assert_shows_the_ema(target, opt)
 

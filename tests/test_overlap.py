@@ -37,10 +37,10 @@ def assert_same(a, b):
 def test_on_cpu_buckets_it_is_accepted_and_changes_nothing(backend):
     _, plain = run(DEVICE, backend, overlap=False)
     _, overlapped = run(DEVICE, backend, overlap=True)
-    assert overlapped.overlap and overlapped._side is None
+    assert overlapped.overlap and overlapped.core.side_stream is None
     assert_same(emas(overlapped), emas(plain))
     for clone in (copy.deepcopy(overlapped), pickle.loads(pickle.dumps(overlapped))):
-        assert clone._side is None and clone.overlap
+        assert clone.core.side_stream is None and clone.overlap
 
 
 def use_everything(model, opt, t):
@@ -62,7 +62,7 @@ def use_everything(model, opt, t):
 def test_the_side_stream_gives_the_same_ema_bitwise(backend, capturable):
     _, plain = run("cuda", backend, overlap=False, capturable=capturable, between=use_everything)
     _, overlapped = run("cuda", backend, overlap=True, capturable=capturable, between=use_everything)
-    assert overlapped._side is not None and overlapped._side.done is not None
+    assert overlapped.core.side_stream is not None and overlapped.core.side_stream.done is not None
     assert_same(emas(overlapped), emas(plain))
 
 

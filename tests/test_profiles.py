@@ -24,24 +24,24 @@ def test_every_profile_follows_its_float64_reference(backend, dtype):
     model, opt = wrapper(backend, dtype)
     schedules = {name: (lambda t, m=m: m) if isinstance(m, float) else m for name, m in PROFILES.items()}
     for t, batch in enumerate(batches(10, dtype=dtype, device=DEVICE)):
-        stored = {name: [v.detach().double().clone() for v in profile_state(opt, k)["shadow"].values()]
+        stored = {name: [v.detach().double().clone() for v in profile_state(opt.core, k)["shadow"].values()]
                   for k, name in enumerate(PROFILES)}
         train_step(model, opt, batch)
         for k, name in enumerate(PROFILES):
             m = schedules[name](t)
-            for s, old, p in zip(profile_state(opt, k)["shadow"].values(), stored[name], model.parameters()):
+            for s, old, p in zip(profile_state(opt.core, k)["shadow"].values(), stored[name], model.parameters()):
                 p64 = p.detach().double()
                 assert_ulps(s, old + m * (p64 - old), scale=torch.maximum(old.abs(), p64.abs()))  # one rounding
     # The stored shadows are float32 for every profile, as with one profile.
-    assert all(v.dtype == torch.float32 for k in range(3) for v in profile_state(opt, k)["shadow"].values())
+    assert all(v.dtype == torch.float32 for k in range(3) for v in profile_state(opt.core, k)["shadow"].values())
 
 
 def test_one_profile_keeps_its_memory_and_two_cost_two(backend):
     _, one = wrapper(backend, momentum=0.1)
     _, two = wrapper(backend, momentum={"a": 0.1, "b": 0.2})
-    sizes = [b.shadows.numel() for b in one._store.buckets]
-    assert [b.shadows.shape[0] for b in one._store.buckets] == [1] * len(sizes)
-    assert [b.shadows.numel() for b in two._store.buckets] == [2 * n for n in sizes]
+    sizes = [b.shadows.numel() for b in one.core.store.buckets]
+    assert [b.shadows.shape[0] for b in one.core.store.buckets] == [1] * len(sizes)
+    assert [b.shadows.numel() for b in two.core.store.buckets] == [2 * n for n in sizes]
 
 
 def test_swap_puts_the_named_profile_in_and_takes_it_out_bitwise(backend):

@@ -138,7 +138,7 @@ def test_nonfinite_guard_sees_exactly_the_nan_and_inf(data):
         for i, position, value in bad:
             if params[i].numel():
                 params[i].view(-1)[position % params[i].numel()] = value
-    for bucket in opt._store.buckets:
+    for bucket in opt.core.store.buckets:
         expected = any(not torch.isfinite(t).all() for t in bucket.tensors)
         assert bucket.backend.nonfinite(bucket).item() == expected
 

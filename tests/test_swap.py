@@ -155,6 +155,20 @@ def test_moving_the_model_inside_swap_gives_everything_back(dtype, backend):
     assert opt.num_steps == 4
 
 
+def test_moving_the_model_inside_swap_and_back_keeps_the_buffers_ema(backend):
+    """The EMA as ema_state_dict() and ema_module() read it: the model's buffers are other objects after each move."""
+    model, opt = trained(backend=backend, update_buffers=True)
+    before = {k: v.clone() for k, v in opt.ema_state_dict().items()}
+    assert not torch.equal(before["bn.running_mean"], model.bn.running_mean)
+    with pytest.raises(RuntimeError, match="moved to another dtype, device or layout inside swap_ema"):
+        with opt.swap_ema():
+            model.to(torch.float64)
+    model.to(torch.float32)
+    assert_bitwise(opt.ema_state_dict(), before)
+    assert_bitwise(state(opt.ema_module()), before)
+    train_step(model, opt, batches(1, seed=7, device=DEVICE)[0])  # and the EMA trains on
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU: the model moves from it to the CPU")
 def test_moving_the_model_to_another_device_inside_swap_gives_everything_back(backend):
     model, opt = trained(backend=backend, update_buffers=True)

@@ -107,12 +107,16 @@ def test_every_value_is_a_copy_of_its_own():
 
 @pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile], ids=["module.", "_orig_mod."])
 def test_names_of_a_wrapped_model_come_back_unwrapped(tmp_path, wrap):
-    model, opt = trained(wrap=wrap)  # model= the wrapper: the checkpoint's names carry its prefix
-    assert opt.state_dict()["ema"]["names"][0] != "scale" and unwrapped(opt.state_dict()["ema"]["names"][0]) == "scale"
+    model, opt = trained(wrap=wrap)  # model= the wrapper: the EMA's names carry its prefix, the checkpoint's do not
+    saved = opt.state_dict()
+    assert saved["ema"]["names"][0] == "scale"
+    prefixed = {**saved, "ema": {**saved["ema"], "names": [name for name, _ in opt.model.named_parameters()]}}
+    assert prefixed["ema"]["names"][0] != "scale" and unwrapped(prefixed["ema"]["names"][0]) == "scale"
     given = make_model(seed=7)
-    weights = load_ema_weights(opt.state_dict(), model=given)
-    assert bitwise(weights, with_counter_of({unwrapped(k): v for k, v in opt.ema_state_dict().items()}, given))
-    make_model(seed=7).load_state_dict(weights, strict=True)
+    for sd in (saved, prefixed):  # a checkpoint whose names carry the prefix reads the same
+        weights = load_ema_weights(sd, model=given)
+        assert bitwise(weights, with_counter_of({unwrapped(k): v for k, v in opt.ema_state_dict().items()}, given))
+        make_model(seed=7).load_state_dict(weights, strict=True)
 
 
 def test_several_profiles_need_a_name():

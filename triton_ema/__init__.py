@@ -6,6 +6,7 @@ from .hooks import attach
 from .optimizer import EMAOptimizer
 from .weights import load_ema_weights
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
+"""The package's version (PEP 440); a ``.dev`` version is an unreleased development state."""
 
 __all__ = ["EMAOptimizer", "attach", "load_ema_weights", "schedules", "posthoc", "__version__"]

@@ -11,21 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from .backends import BACKENDS
-from .hooks import attached_ema
 from .schedules import Constant, Schedule, momentum_at, profile_schedules
-from .wrapped import refuse_wrapped
 
 SHADOW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_arguments(optimizer: Any, momentum: Any, decay: Any, interval: Any, model: Any, update_buffers: bool,
-                    shadow_dtype: Any, device: Any, backend: Any) -> tuple[dict[str | None, Schedule], torch.device | None]:
+def check_arguments(param_groups: list[dict], momentum: Any, decay: Any, interval: Any, model: Any,
+                    update_buffers: bool, shadow_dtype: Any, device: Any,
+                    backend: Any) -> tuple[dict[str | None, Schedule], torch.device | None]:
     """The EMA profiles' schedules and the shadows' device, or an error naming the bad argument."""
-    refuse_wrapped(optimizer)  # a framework's optimizer wrapper: the error says where the EMA goes instead
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if attached_ema(optimizer) is not None:
-        raise ValueError(f"{type(optimizer).__name__} already has an EMA attached; use that one, or detach() it first")
     schedules = profile_schedules(momentum, decay)
     check_schedules(schedules)
     for profile, schedule in schedules.items():
@@ -36,7 +30,7 @@ def check_arguments(optimizer: Any, momentum: Any, decay: Any, interval: Any, mo
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if update_buffers and model is None:
         raise ValueError("update_buffers=True needs model= (the module whose buffers to average)")
-    if model is not None and not shares_params(model, optimizer):
+    if model is not None and not shares_params(model, param_groups):
         raise ValueError(f"model= ({type(model).__name__}) shares no parameter with the optimizer (a copy of the "
                          "model?); pass the module whose parameters the optimizer updates")
     if shadow_dtype is not None and shadow_dtype not in SHADOW_DTYPES:
@@ -92,18 +86,18 @@ def warn_if_decay_like(schedule: Schedule, given_as_decay: bool, profile: str | 
     elif m == 1:
         hint = ("momentum=1 is the weight of the new parameters: every update copies them, so the EMA is the "
                 "weights themselves (a decay of 1, an EMA that never moves, is not an EMA)")
-        warnings.warn(hint + which, UserWarning, stacklevel=4)
+        warnings.warn(hint + which, UserWarning, stacklevel=5)
         return
     else:
         hint = (f"momentum={m:g} is the weight of the new parameters; if you meant a decay (timm, torch_ema, "
                 f"diffusers), pass decay={m:g} (momentum = 1 - decay)")
     warnings.warn(f"{hint}: with momentum {m:g} each update keeps only {1 - m:g} of the EMA, which then nearly "
-                  f"copies the weights{which}", UserWarning, stacklevel=4)
+                  f"copies the weights{which}", UserWarning, stacklevel=5)
 
 
-def shares_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """The model has no parameters, or at least one of them is the optimizer's."""
-    ours = {id(p) for group in optimizer.param_groups for p in group["params"]}
+def shares_params(model: nn.Module, param_groups: list[dict]) -> bool:
+    """The model has no parameters, or at least one of them is in the param groups."""
+    ours = {id(p) for group in param_groups for p in group["params"]}
     params = list(model.parameters())
     return not params or any(id(p) in ours for p in params)
 

@@ -3,14 +3,13 @@
 A backend implements three primitives on a bucket (``update``, ``exchange``,
 ``copy``); the jobs the optimizer needs (swap in/out, params <-> shadow) are
 built from them here, once, for every backend. A bucket holds one shadow row
-per EMA profile: ``update`` moves all of them in one pass over the params. :func:`select_backend` is the
-one place that picks a backend for a bucket.
+per EMA profile: ``update`` moves all of them in one pass over the params. Which backend runs a
+bucket is chosen in one place, :func:`triton_ema.store.select_backend`.
 """
 
 from __future__ import annotations
 
 import abc
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -223,49 +222,3 @@ class TorchBackend(Backend):
             torch._foreach_copy_([t.detach() for t in bucket.tensors], views)
         else:
             torch._foreach_copy_(views, bucket.tensors)
-
-
-_TORCH = TorchBackend()
-
-
-def triton_unavailable(bucket: Bucket) -> str | None:
-    """Why the Triton backend cannot run ``bucket``, or None when it can."""
-    device = bucket.param_device
-    if bucket.shadows.device != device:
-        return f"shadows on {bucket.shadows.device} for parameters on {device} (Triton kernels need both on one device)"
-    if bucket.param_dtype not in TRITON_DTYPES or bucket.shadows.dtype not in TRITON_DTYPES:
-        return (f"parameter dtype {bucket.param_dtype} with shadow dtype {bucket.shadows.dtype} "
-                "(Triton kernels take float32, bfloat16, float16)")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return ("parameters on the CPU (Triton runs CPU tensors only in its interpreter: "
-                "set TRITON_INTERPRET=1 before importing triton)")
-    if device.type not in ("cpu", "cuda"):
-        return f"parameters on {device}"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    for name, t in zip(bucket.names, bucket.tensors):
-        if not is_dense(t):
-            return f"{name} is a non-dense view (stride {t.stride()}); make it contiguous"
-    return None
-
-
-def select_backend(name: str, bucket: Bucket) -> Backend:
-    """The backend that runs ``bucket``'s jobs for the user's ``backend=`` choice."""
-    if name == "torch":
-        return _TORCH
-    reason = triton_unavailable(bucket)
-    if name == "triton":
-        if reason is not None:
-            raise ValueError(f"backend='triton' cannot run {reason}; use backend='auto' or 'torch'")
-        from .triton_backend import TritonBackend
-
-        return TritonBackend()
-    if name == "auto":
-        if reason is None and bucket.param_device.type == "cuda":
-            from .triton_backend import TritonBackend
-
-            return TritonBackend()
-        return _TORCH
-    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

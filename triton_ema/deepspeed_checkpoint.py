@@ -33,7 +33,19 @@ KINDS = ("whole", "flat", "sharded")
 
 
 def assemble(layout: dict[str, Any], partitions: Sequence[Sequence[Tensor]]) -> dict[str, Tensor]:
-    """Model-keyed full tensors from ``partitions[rank][i]`` (every rank's master tensors, or their EMA)."""
+    """Model-keyed full tensors from ``partitions[rank][i]`` (every rank's master tensors, or their EMA).
+
+    Args:
+        layout: The ``"ema_layout"`` entry a checkpoint holds (kind, world size,
+            names, shapes, masters, offsets).
+        partitions: For each rank, its master tensors (or their EMA), in order.
+
+    Returns:
+        A dict of whole tensors keyed by parameter name.
+
+    Raises:
+        ValueError: An unknown layout kind, or partitions that do not fit the layout.
+    """
     kind, world = layout["kind"], int(layout["world_size"])
     if kind not in KINDS:
         raise ValueError(f"unknown DeepSpeed EMA layout kind {kind!r}; expected one of {KINDS}")
@@ -70,6 +82,20 @@ def read_deepspeed_ema(folder: str | os.PathLike, *, tag: str | None = None, pro
     ``weights_only=True`` and runs no code from the file. A file holding
     anything else is refused; ``trusted=True`` then loads it with
     ``weights_only=False`` (only for a file you trust: that runs its pickled code).
+
+    Args:
+        folder: The folder ``engine.save_checkpoint`` wrote to.
+        tag: The checkpoint's tag; None: the one ``folder/latest`` names.
+        profile: The EMA profile, where there are several.
+        trusted: Load files holding more than tensors and DeepSpeed's own
+            objects with ``weights_only=False``.
+
+    Returns:
+        A float32 dict keyed like the unwrapped model's parameters.
+
+    Raises:
+        ValueError: A rank's file missing, layouts of different runs, a missing
+            or unknown profile.
     """
     files = optim_files(folder, tag)
     entries = [_ema_entry(path, trusted) for path in files]
@@ -87,7 +113,18 @@ def read_deepspeed_ema(folder: str | os.PathLike, *, tag: str | None = None, pro
 
 
 def rank_ema(folder: str | os.PathLike, tag: str | None, rank: int, *, trusted: bool = False) -> tuple[dict, dict]:
-    """The ``"ema"`` and ``"ema_layout"`` entries that rank ``rank`` saved in checkpoint ``tag`` of ``folder``."""
+    """The ``"ema"`` and ``"ema_layout"`` entries that one rank saved in a checkpoint.
+
+    Args:
+        folder: What ``engine.save_checkpoint(folder)`` wrote to.
+        tag: The checkpoint's tag; None: the one named in ``folder/latest``.
+        rank: The data-parallel rank.
+        trusted: As for :func:`read_deepspeed_ema`.
+
+    Raises:
+        FileNotFoundError: No such tag, or no file of that rank.
+        ValueError: The file holds no EMA, or the EMA of another rank.
+    """
     files = optim_files(folder, tag)
     numbered = [f for f in files if re.search(rf"zero_pp_rank_{int(rank)}_", os.path.basename(f))]
     if len(files) == 1 and not re.search(r"zero_pp_rank_\d+_", os.path.basename(files[0])):

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,57 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import EMAOptimizer, schedules
+from .demo_common import CHECKPOINT, Data, DigitsNet, evaluate, load_data, two_panel_figure
 
-CHECKPOINT = "checkpoint.pt"
 PLOT = "demo.png"
 # What a run is: saved in its checkpoint, and --resume continues with these, whatever the command line says
 # (schedule_epochs: the cosine's length, the --epochs of the run's first command).
 RUN_SETTINGS = ("lr", "batch_size", "momentum", "end_momentum", "warm_up", "seed", "max_batches", "posthoc",
                 "profiles", "snapshot_every", "schedule_epochs")
 NOT_POSTHOC, ONLY_POSTHOC = ("momentum", "end_momentum", "warm_up", "schedule_epochs"), ("profiles", "snapshot_every")
-
-
-class DigitsNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.head = nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1))
-
-
-@dataclass
-class Data:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-def load_data(device: torch.device, seed: int, test_fraction: float = 0.3) -> Data:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = int(len(y) * test_fraction)
-    test, train = order[:n_test], order[n_test:]
-    return Data(x[train].to(device), y[train].to(device), x[test].to(device), y[test].to(device))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(accuracy in %, mean cross-entropy) of ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    logits = model(x)
-    model.train(was_training)
-    return (logits.argmax(1) == y).float().mean().item() * 100, F.cross_entropy(logits, y).item()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -296,25 +251,6 @@ def report(history: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"EMA did not help at this setting: {-gain:.0%} higher held-out loss than the training weights "
                      "(a momentum too small for this run length lags behind).")
     return "\n".join(lines)
-
-
-@contextmanager
-def two_panel_figure(title: str, path: Path):
-    """Two axes side by side; after the block, gridded, with legends and ``title``, saved to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    yield axes
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot(history: list[dict], path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from . import EMAOptimizer, posthoc
-from .demo import CHECKPOINT, Data, DigitsNet, evaluate, two_panel_figure
+from .demo_common import CHECKPOINT, Data, DigitsNet, evaluate, two_panel_figure
 
 SNAPSHOTS = "snapshots"
 PLOT = "posthoc.png"

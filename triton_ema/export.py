@@ -27,7 +27,23 @@ SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bi
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, profile: str | None = None,
            format: str | None = None, weights_only: bool = True) -> dict[str, Tensor]:
-    """Write the EMA weights of ``checkpoint`` to ``out``; returns them."""
+    """Write the EMA weights of ``checkpoint`` to ``out``; returns them.
+
+    Args:
+        checkpoint: Any checkpoint :func:`~triton_ema.load_ema_weights` reads.
+        out: The file to write.
+        profile: The EMA profile, where the checkpoint has several.
+        format: ``"safetensors"`` or ``"torch"``; None: from ``out``'s suffix
+            (``.safetensors``, or ``.pt`` / ``.pth`` / ``.bin``).
+        weights_only: As for :func:`~triton_ema.load_ema_weights`.
+
+    Returns:
+        The weights written, keyed like the unwrapped model's ``state_dict()``.
+
+    Raises:
+        ValueError: A suffix that names no format, or what
+            :func:`~triton_ema.load_ema_weights` raises.
+    """
     fmt = output_format(Path(out), format)  # before reading a checkpoint that may be large
     weights = load_ema_weights(checkpoint, profile=profile, weights_only=weights_only)
     save_weights(weights, out, fmt)
@@ -46,7 +62,13 @@ def output_format(out: Path, format: str | None) -> str:
 
 
 def save_weights(weights: Mapping[str, Tensor], out: str | os.PathLike, format: str) -> None:
-    """``weights`` as one file: safetensors (contiguous tensors, none sharing memory, as it requires) or torch."""
+    """``weights`` as one file: safetensors (contiguous tensors, none sharing memory, as it requires) or torch.
+
+    Args:
+        weights: Tensors keyed by name.
+        out: The file to write.
+        format: ``"safetensors"`` (needs the ``export`` extra) or ``"torch"``.
+    """
     tensors = {}
     seen = set()
     for key, value in weights.items():
@@ -68,6 +90,14 @@ def save_weights(weights: Mapping[str, Tensor], out: str | os.PathLike, format: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m triton_ema.export CHECKPOINT OUT [--profile NAME] [--format F] [--no-weights-only]``.
+
+    Args:
+        argv: The command's arguments; None: ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0, or 1 with the error printed to stderr.
+    """
     parser = argparse.ArgumentParser(prog="python -m triton_ema.export", description=(
         "Write the EMA weights of a checkpoint (an optimizer state dict, a Lightning, mmengine, transformers "
         "Trainer or accelerate checkpoint, a torch.distributed.checkpoint or DeepSpeed checkpoint folder) as "

@@ -55,7 +55,17 @@ class Formula:
         return self._momentum(t, HostMath)
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        """The momentum at the int64 step tensor ``t``, as a float32 tensor beside it (float64, rounded once)."""
+        """The momentum at the int64 step tensor ``t``, as a float32 tensor beside it (float64, rounded once).
+
+        Args:
+            t: An int64 step tensor (0-dim, or any shape element-wise).
+
+        Returns:
+            A float32 tensor of ``t``'s shape on ``t``'s device.
+
+        Raises:
+            TypeError: ``t`` is not int64.
+        """
         if t.dtype != torch.int64:
             raise TypeError(f"{type(self).__name__}.on_device() takes an int64 step tensor, got {t.dtype}")
         value = self._momentum(t.double(), DeviceMath)
@@ -64,14 +74,26 @@ class Formula:
         return torch.full_like(t, value, dtype=torch.float32)  # a constant: a fill, no host-to-device copy
 
 
-def device_schedule(schedule) -> Callable[[torch.Tensor], torch.Tensor]:
+def device_schedule(schedule: Callable[[int], float]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The device evaluator ``schedule.on_device`` of a momentum schedule, once checked.
 
     Every built-in schedule has one, and so does any object with an ``on_device(t)`` method (an int64
     step tensor in, the momentum as a float32 tensor of its shape and device out, tensor ops only).
     It is tried once on a step tensor on the "meta" device, which holds no data: ``.item()`` or a
-    Python branch on a tensor's value fail there. A schedule without one (a plain function), or one
-    inside a combinator without one, is a ``TypeError`` that names it."""
+    Python branch on a tensor's value fail there.
+
+    Args:
+        schedule: A momentum schedule.
+
+    Returns:
+        ``schedule.on_device``.
+
+    Raises:
+        TypeError: The schedule (a plain function), or one inside a combinator,
+            has no ``on_device``, or its ``on_device`` fails on the meta device or
+            returns something other than a float32 tensor of the step's shape
+            (naming the schedule).
+    """
     missing = _without_on_device(schedule)
     if missing:
         raise TypeError(f"momentum schedule {missing} cannot run on the device (capturable=True): it has no on_device(t). "
@@ -79,7 +101,7 @@ def device_schedule(schedule) -> Callable[[torch.Tensor], torch.Tensor]:
                         "step tensor in, the momentum as a float32 tensor of the same shape and device out, tensor ops only")
     step = torch.zeros((), dtype=torch.int64, device="meta")
     try:
-        value = schedule.on_device(step)
+        value = schedule.on_device(step)  # type: ignore[attr-defined]  # _without_on_device found it
     except Exception as error:
         raise TypeError(f"momentum schedule {_name(schedule)}: on_device(t) must use tensor ops only (no .item(), no "
                         f"Python branch on a tensor's value); on a meta step tensor it raised {error!r}") from error
@@ -89,7 +111,7 @@ def device_schedule(schedule) -> Callable[[torch.Tensor], torch.Tensor]:
                else type(value).__name__)
         raise TypeError(f"momentum schedule {_name(schedule)}: on_device(t) must return a float32 tensor of t's shape "
                         f"on t's device; for a 0-dim meta step it returned {got}")
-    return schedule.on_device
+    return schedule.on_device  # type: ignore[attr-defined]  # _without_on_device found it
 
 
 def _name(schedule) -> str:

@@ -28,24 +28,38 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from . import sharding
 from .buckets import default_shadow_dtype
+from .sharding import is_dtensor
 from .swap import bitwise_equal
 
 if TYPE_CHECKING:
-    from .optimizer import EMAOptimizer
+    from .ema import EMA
     from .store import ShadowStore
 
 
-def ema_module(opt: EMAOptimizer, profile: int) -> tuple[nn.Module, EMAModuleLink]:
+def ema_module(ema: EMA, profile: int) -> nn.Module:
+    """Profile ``profile``'s EMA module: the one ``ema`` keeps if it is alive, else a new one."""
+    if ema.model is None:
+        raise RuntimeError("ema_module() needs the model: pass model= to EMAOptimizer")
+    ema.refuse_while_swapped("ema_module()")
+    link = ema.module_links.get(profile)
+    module = None if link is None else link.alive()
+    if module is None:
+        with torch.no_grad():
+            ema.sync()
+        module, ema.module_links[profile] = new_ema_module(ema, profile)
+    return module
+
+
+def new_ema_module(ema: EMA, profile: int) -> tuple[nn.Module, EMAModuleLink]:
     """A module with the model's structure on profile ``profile``'s shadows, and what keeps it there."""
-    model, store = opt.model, opt._store
-    if any(sharding.is_dtensor(t) for t in opt._tracking.objects):
+    model, store = ema.model, ema.store
+    if any(is_dtensor(t) for t in ema.tracking.objects):
         raise NotImplementedError(
             "ema_module() is not available for sharded (DTensor, FSDP2) parameters: a forward needs FSDP's "
             "all-gathers, which belong to the training model; use swap_ema() for forward passes, or "
             "ema_state_dict(full=True) to build a separate model")
-    index = opt._tracking.positions()
+    index = ema.tracking.positions()
     memo: dict[int, Any] = {}
     with torch.no_grad():
         for p in model.parameters():
@@ -56,22 +70,22 @@ def ema_module(opt: EMAOptimizer, profile: int) -> tuple[nn.Module, EMAModuleLin
             i = index.get(id(b))
             memo[id(b)] = _placed(store, b, copy=True) if i is None else store.ema(i, profile)
         module = copy.deepcopy(model, memo)
-    return module, EMAModuleLink(opt, profile, module)
+    return module, EMAModuleLink(ema, profile, module)
 
 
 class EMAModuleLink:
     """Keeps one EMA module on the storage of one profile: its averaged tensors
     re-aliased when the shadows are laid out anew, the rest refreshed from the model."""
 
-    def __init__(self, opt: EMAOptimizer, profile: int, module: nn.Module) -> None:
-        self.opt, self.profile = opt, profile
+    def __init__(self, ema: EMA, profile: int, module: nn.Module) -> None:
+        self.ema, self.profile = ema, profile
         # (EMA module's submodule, "_parameters" or "_buffers", attribute, the model's submodule)
         self.slots = [(target, kind, attr, source)
-                      for (_, source), (_, target) in zip(opt.model.named_modules(), module.named_modules())
+                      for (_, source), (_, target) in zip(ema.model.named_modules(), module.named_modules())
                       for kind in ("_parameters", "_buffers")
                       for attr, value in getattr(source, kind).items() if value is not None]
         self._sort()
-        self.generation = opt._store.generation
+        self.generation = ema.store.generation
         self.module = weakref.ref(module)
         self._kept: dict[int, Tensor] = {}
         module.register_forward_pre_hook(self._before_forward)
@@ -83,7 +97,7 @@ class EMAModuleLink:
 
     def _sort(self) -> None:
         """Slots of averaged tensors, with their index among them (``aliased``), and the others (``unaveraged``)."""
-        index = self.opt._tracking.positions()
+        index = self.ema.tracking.positions()
         self.aliased, self.unaveraged = [], []
         for slot in self.slots:
             _, kind, attr, source = slot
@@ -99,7 +113,7 @@ class EMAModuleLink:
         averaged tensor still is the EMA storage: one that someone else replaced is an error.
         Without it (after a step) the averaged tensors are not looked at unless the shadows moved,
         so a step costs nothing per averaged tensor."""
-        store = self.opt._store
+        store = self.ema.store
         relaid = store.generation != self.generation
         if relaid:  # params may have joined the optimizer (add_param_group)
             self._sort()
@@ -128,7 +142,7 @@ class EMAModuleLink:
         """A tensor the optimizer does not average takes the model's value, in the shadows' placement."""
         current = getattr(target, kind)[attr]
         model_tensor = getattr(source, kind)[attr]
-        value = _placed(self.opt._store, model_tensor, copy=False)
+        value = _placed(self.ema.store, model_tensor, copy=False)
         fresh = value.data_ptr() != model_tensor.data_ptr()  # converted: a copy already
         if kind == "_parameters" and not fresh:  # a frozen param in the shadows' placement: aliased
             if current.data_ptr() != value.data_ptr():
@@ -140,12 +154,12 @@ class EMAModuleLink:
 
     def check(self) -> None:
         """Before the module is read (a forward, a state dict): the EMA as of now, or an error."""
-        opt = self.opt
-        if opt._store.swapped:
+        ema = self.ema
+        if ema.swapped:
             raise RuntimeError("the EMA module was used inside swap_ema(): there the model holds the EMA and the "
                                "shadows may hold the training weights; use it outside the with-block")
         with torch.no_grad():
-            opt._sync()
+            ema.sync()
         self.follow(strict=True)
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
@@ -162,7 +176,7 @@ class EMAModuleLink:
                 buf = target._buffers[attr]
                 if not bitwise_equal(buf, kept):
                     buf.copy_(kept)
-                    changed.append(self.opt._store.names[i])
+                    changed.append(self.ema.names[i])
         self._kept = {}
         if changed:
             warnings.warn(f"{', '.join(changed)} changed in a forward of the EMA module in train mode; the EMA of "

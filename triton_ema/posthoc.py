@@ -19,14 +19,18 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from . import sharding
 from .checkpoint import snapshot_state
+from .names import canonical
 from .schedules import PowerFunction
+from .sharding import is_dtensor
+
+if TYPE_CHECKING:
+    from .ema import EMA
 
 __all__ = ["save_snapshot", "synthesize", "solve_weights"]
 
@@ -36,8 +40,9 @@ HEADER = "header.pt"  # in a sharded snapshot's folder, beside the checkpoint's 
 
 
 def save_snapshot(opt, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write every power-function profile's EMA (keyed like ``model.state_dict()``), with
-    its gamma and the time ``opt.num_steps``, to ``folder``; returns the snapshot's path.
+    """Write every power-function profile's EMA (keyed like the bare model's ``state_dict()``:
+    wrapper prefixes removed), with its gamma and the time ``opt.num_steps``, to ``folder``;
+    returns the snapshot's path.
 
     ``dtype`` (float16, bfloat16, ...) makes the floating entries compact on disk;
     None keeps the shadows' dtype. The snapshot appears whole or not at all: it is
@@ -46,33 +51,53 @@ def save_snapshot(opt, folder: str | os.PathLike, dtype: torch.dtype | None = No
 
     Under FSDP2 (DTensor parameters) every rank must call it, with the same
     ``folder`` on a file system all ranks share: each rank writes its own shards
-    into one ``torch.distributed.checkpoint`` folder, ``snapshot-<time>/``."""
-    profiles = {name: s for name, s in opt.schedules.items() if isinstance(s, PowerFunction)}
+    into one ``torch.distributed.checkpoint`` folder, ``snapshot-<time>/``, written
+    under a hidden name and renamed by rank 0 once complete. Under DDP call it on
+    one rank (the ranks' EMAs of the parameters are the same).
+
+    Args:
+        opt (EMAOptimizer): The :class:`~triton_ema.EMAOptimizer` (wrapper or attached), with
+            ``model=``, ``interval=1`` and at least one
+            :class:`~triton_ema.schedules.PowerFunction` profile.
+        folder: Where to write; created if missing.
+        dtype: A floating dtype for the averaged entries on disk, or None.
+
+    Returns:
+        The path of the snapshot, ``folder/snapshot-<time>.pt`` (or the folder
+        ``snapshot-<time>/`` under FSDP2).
+
+    Raises:
+        ValueError: No power-function profile, ``interval != 1``, or no step
+            taken yet.
+        TypeError: ``dtype`` is not a floating ``torch.dtype``.
+    """
+    core = opt.core
+    profiles = {name: s for name, s in core.schedules.items() if isinstance(s, PowerFunction)}
     if not profiles:
         raise ValueError("save_snapshot() needs power-function profiles: momentum=schedules.PowerFunction(...) "
-                         f"or a dict of them; this EMA has {opt.schedules!r}")
-    if opt.interval != 1:
-        raise ValueError(f"post-hoc EMA needs an update every step (interval=1), got interval={opt.interval}")
-    if opt.num_steps == 0:
+                         f"or a dict of them; this EMA has {core.schedules!r}")
+    if core.interval != 1:
+        raise ValueError(f"post-hoc EMA needs an update every step (interval=1), got interval={core.interval}")
+    if core.num_steps == 0:
         raise ValueError("save_snapshot() before the first step(): a snapshot's time must be >= 1")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     entries, states = [], []
     for name, schedule in profiles.items():
-        state, averaged = snapshot_state(opt, name)
+        state, averaged = snapshot_state(core, name)
         states.append({k: _on_disk(v, dtype if k in averaged else None) for k, v in state.items()})
         entries.append({"name": name, "gamma": schedule.gamma, "averaged": sorted(averaged)})
-    header = {"format": FORMAT, "run": opt.run_id, "time": opt.num_steps, "profiles": entries}
-    path = Path(folder) / f"{PREFIX}{opt.num_steps:012d}"
-    if any(sharding.is_dtensor(v) for state in states for v in state.values()):
-        return _save_sharded(opt, header, states, path)
+    header = {"format": FORMAT, "run": core.run_id, "time": core.num_steps, "profiles": entries}
+    path = Path(folder) / f"{PREFIX}{core.num_steps:012d}"
+    if any(is_dtensor(v) for state in states for v in state.values()):
+        return _save_sharded(core, header, states, path)
     for entry, state in zip(entries, states):
         entry["state"] = state
     return _save_file(header, path.with_name(path.name + SUFFIX))
 
 
 def _on_disk(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    if sharding.is_dtensor(t):  # written shard by shard, each copied as it goes
+    if is_dtensor(t):  # written shard by shard, each copied as it goes
         return t.detach().to(dtype or t.dtype)
     if t.device.type == "meta" or type(t) is not Tensor:
         raise TypeError(f"save_snapshot() takes plain tensors or DTensors; got a {type(t).__name__} on {t.device}")
@@ -94,7 +119,7 @@ def _save_file(content: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _save_sharded(opt, header: dict[str, Any], states: list[dict[str, Tensor]], path: Path) -> Path:
+def _save_sharded(core: EMA, header: dict[str, Any], states: list[dict[str, Tensor]], path: Path) -> Path:
     """Every rank's shards into one DCP checkpoint under a hidden name; rank 0 adds the
     header and renames the folder once the checkpoint is complete (a collective)."""
     import torch.distributed as dist
@@ -113,9 +138,9 @@ def _save_sharded(opt, header: dict[str, Any], states: list[dict[str, Tensor]], 
     _by_rank_0(clean, path)  # no rank writes before the folder is clean
     # Rank 0's run id for every rank (each drew its own), so that the checkpoints
     # of this run carry it whichever rank writes them.
-    run = [opt.run_id]
+    run = [core.run_id]
     dist.broadcast_object_list(run, src=0)
-    opt.run_id = header["run"] = run[0]
+    core.run_id = header["run"] = run[0]
     dcp.save({f"{j}/{key}": v for j, state in enumerate(states) for key, v in state.items()}, checkpoint_id=tmp)
     _by_rank_0(finish, path)  # every rank returns once the snapshot is in place
     return path
@@ -125,7 +150,8 @@ def _by_rank_0(action, path: Path) -> None:
     """``action()`` on rank 0, and on every rank an error if it failed (a collective)."""
     import torch.distributed as dist
 
-    failed, error = [None], None
+    failed: list[str | None] = [None]
+    error = None
     if dist.get_rank() == 0:
         try:
             action()
@@ -159,9 +185,19 @@ def power_function_correlation(t_a: Tensor, g_a: Tensor, t_b: Tensor, g_b: Tenso
 
 def solve_weights(times: Sequence[float], gammas: Sequence[float], time: float,
                   targets: Sequence[float]) -> Tensor:
-    """EDM2's least-squares weights, float64, ``[len(times), len(targets)]``: column j
-    combines the snapshots into the profile of exponent ``targets[j]`` at ``time``;
-    each column is normalised to sum 1."""
+    """EDM2's least-squares weights (its Algorithm 3), float64.
+
+    Args:
+        times: Each snapshot profile's time (``opt.num_steps`` when it was taken).
+        gammas: Each snapshot profile's exponent.
+        time: The time of the profiles to synthesize.
+        targets: The exponents of the profiles to synthesize.
+
+    Returns:
+        A ``[len(times), len(targets)]`` tensor; column j combines the snapshots
+        into the profile of exponent ``targets[j]`` at ``time``; each column is
+        normalised to sum 1.
+    """
     t_in = torch.tensor(times, dtype=torch.float64)
     g_in = torch.tensor(gammas, dtype=torch.float64)
     t_out = torch.full((len(targets),), float(time), dtype=torch.float64)
@@ -253,21 +289,44 @@ def _targets(sigma_rel, gamma) -> tuple[list[float], bool]:
     many = isinstance(given, Sequence)
     values = list(given) if many else [given]
     gammas = [PowerFunction(sigma_rel=v).gamma if gamma is None else PowerFunction(gamma=v).gamma for v in values]
-    return gammas, many
+    return gammas, many  # type: ignore[return-value]  # PowerFunction's __post_init__ sets gamma from sigma_rel
 
 
 def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | None = None,
-               gamma: float | Sequence[float] | None = None, time: int | None = None):
+               gamma: float | Sequence[float] | None = None,
+               time: int | None = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
     """The EMA of profile ``sigma_rel`` (or ``gamma``) at ``time`` (default: the last
     snapshot's), combined from the snapshots in ``folder`` taken at or before ``time``:
     a float32 state dict keyed like ``model.state_dict()``. A sequence of targets gives
-    a list of state dicts, all from one pass over the files.
+    a list of state dicts, all from one pass over the files. Keys carry no wrapper
+    prefixes (``module.``, ``_orig_mod.``, ...): the bare model's ``load_state_dict``
+    takes the result, whether the snapshots were taken of it or of a wrapper around it.
 
     Entries that are not averaged (integer buffers, buffers without ``update_buffers``)
     come from the latest snapshot used. Memory: one float64 accumulator per target
     and one snapshot, whatever the number of snapshots (a file is read from disk as
     it is used; a sharded snapshot one profile at a time, its shards put together
-    whatever the world size that wrote them)."""
+    whatever the world size that wrote them). It runs in one process, without a
+    process group.
+
+    Args:
+        folder: The folder :func:`save_snapshot` wrote to.
+        sigma_rel: The width of the profile to synthesize, or a sequence of them.
+        gamma: Or its exponent, or a sequence of them; give exactly one of the two.
+        time: Combine the snapshots taken at or before this time (default: the
+            last snapshot's time).
+
+    Returns:
+        A float32 state dict keyed like ``model.state_dict()``, or a list of them
+        for a sequence of targets.
+
+    Raises:
+        FileNotFoundError: No snapshot in ``folder`` (or no such folder).
+        ValueError: Both or neither of ``sigma_rel`` and ``gamma``; a time after
+            the last snapshot; snapshots of two runs in one folder; two snapshots
+            of one profile at one time; a sharded snapshot missing a rank's
+            shards; files that are not snapshots.
+    """
     targets, many = _targets(sigma_rel, gamma)
     paths, headers, time = _snapshots(Path(folder), time)
     columns = [(h["time"], p["gamma"]) for h in headers for p in h["profiles"]]
@@ -278,7 +337,7 @@ def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | N
     sums: list[dict[str, Tensor]] = [{} for _ in targets]
     col = 0
     for i, path in enumerate(paths):
-        content, headers[i] = headers[i], None  # the mapped file goes once it is summed
+        content, headers[i] = headers[i], None  # type: ignore[call-overload]  # the mapped file goes once it is summed
         for profile, state in zip(content["profiles"], _profile_states(path, content)):
             _accumulate(sums, profile, state, weights[col], path, keep_rest=i == latest)
             col += 1
@@ -288,8 +347,12 @@ def synthesize(folder: str | os.PathLike, sigma_rel: float | Sequence[float] | N
 
 def _accumulate(sums: list[dict[str, Tensor]], profile: dict, state: dict[str, Tensor], weights: Tensor, path: Path,
                 keep_rest: bool) -> None:
-    averaged = set(profile["averaged"])
-    for key, value in state.items():
+    # Keys without wrapper prefixes (as save_snapshot writes them; a file may hold them otherwise), so that
+    # snapshots of the bare model and of a wrapper around it combine.
+    keys = dict(zip(state, canonical(list(state))))
+    averaged = {keys.get(key, key) for key in profile["averaged"]}
+    for old, value in state.items():
+        key = keys[old]
         for total, w in zip(sums, weights.tolist()):
             if key not in averaged:
                 if keep_rest:

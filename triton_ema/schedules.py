@@ -8,7 +8,7 @@ Momentum is the weight of the new parameters: ``shadow += m * (param - shadow)``
 Every built-in schedule also evaluates on the device: ``schedule.on_device(t)``
 takes an int64 step tensor and returns the momentum as a float32 tensor beside
 it, with tensor ops only (no host sync), so that a captured CUDA graph advances
-the schedule at every replay (see :mod:`triton_ema.formulas`).
+the schedule at every replay (see :func:`device_schedule`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
+from typing import Any
 
 import torch
 
@@ -29,6 +30,11 @@ __all__ = [
 ]
 
 Schedule = Callable[[int], float]
+"""A momentum schedule: any callable ``t -> momentum`` of the 0-based optimizer step ``t``.
+
+Its value must lie in ``[0, 1]`` (NaN is an error, naming the step and the value).
+The built-in schedules are frozen dataclasses, and also evaluate on the device
+(``on_device``) for ``capturable=True``."""
 
 
 def _check_unit(name: str, value: float, *, allow_zero: bool) -> float:
@@ -64,7 +70,11 @@ def _warm_up_ramp(t, warm_up: int):
 
 @dataclass(frozen=True)
 class Constant(Formula):
-    """The same momentum at every step (mmengine, NeMo, ``AveragedModel``)."""
+    """The same momentum at every step (mmengine, NeMo, ``AveragedModel``).
+
+    Args:
+        momentum: The momentum, in ``(0, 1]``.
+    """
 
     momentum: float
 
@@ -84,7 +94,12 @@ class Warmup(Formula):
     step as ``Constant(momentum)``, whenever ``momentum <= 1 / warm_up`` (the
     ramp starts at ``1 / warm_up`` and grows), e.g. ``Warmup(2e-4, 100)``. For
     a warm-up that forgets the random initial weights fast, see :class:`Ramp`,
-    :class:`Power`, :class:`CopyUntil` and :class:`Max`."""
+    :class:`Power`, :class:`CopyUntil` and :class:`Max`.
+
+    Args:
+        momentum: The momentum after the ramp, in ``(0, 1]``.
+        warm_up: The ramp's length parameter, an integer >= 0 (0: no ramp).
+    """
 
     momentum: float
     warm_up: int = 100
@@ -101,7 +116,19 @@ class Warmup(Formula):
 class Cosine(Formula):
     """mmpretrain ``CosineEMA``: momentum goes from ``momentum`` to
     ``end_momentum`` along a half cosine over ``total_steps`` steps, then stays.
-    With ``warm_up > 0`` it is also capped by the :class:`Warmup` ramp."""
+
+    The momentum at step t is ``e - (e - m) * (cos(pi * t / K) + 1) / 2`` with
+    ``K = total_steps`` and t clipped to K. With ``warm_up > 0`` it is also
+    capped by the :class:`Warmup` ramp (the min of the two).
+
+    Args:
+        momentum: The momentum at t = 0, in ``[0, 1]``.
+        end_momentum: The momentum from t = ``total_steps`` on, in ``[0, 1]``
+            (0: the EMA stops moving at the end).
+        total_steps: The cosine's length in optimizer steps, a positive integer
+            (required).
+        warm_up: The :class:`Warmup` ramp's length, an integer >= 0 (0: none).
+    """
 
     momentum: float = 0.004
     end_momentum: float = 0.0
@@ -114,7 +141,7 @@ class Cosine(Formula):
         steps = self.total_steps
         if steps is None or isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
-        object.__setattr__(self, "total_steps", int(self.total_steps))
+        object.__setattr__(self, "total_steps", int(steps))
         object.__setattr__(self, "warm_up", _check_warm_up(self.warm_up))
 
     def _momentum(self, t, xp):
@@ -128,7 +155,16 @@ class Cosine(Formula):
 class Power(Formula):
     """Power-law warm-up of timm ``ModelEmaV3``, ema-pytorch and diffusers:
     ``decay_t = clamp(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)``,
-    momentum ``1 - decay_t``. ``power=2/3`` suits long runs, ``3/4`` short ones."""
+    momentum ``1 - decay_t``. ``power=2/3`` suits long runs, ``3/4`` short ones.
+
+    Args:
+        decay: The largest decay (the smallest momentum is ``1 - decay``), in
+            ``[0, 1)``.
+        inv_gamma: The warm-up's time scale, > 0.
+        power: The warm-up's exponent, > 0.
+        min_decay: The smallest decay (the largest momentum is
+            ``1 - min_decay``), at most ``decay``.
+    """
 
     decay: float = 0.9999
     inv_gamma: float = 1.0
@@ -166,7 +202,12 @@ class Ramp(Formula):
     The libraries evaluate it at their own counter, not at this library's
     ``t``: ``torch_ema`` at the number of updates including the current one
     (``Recount(Ramp(d), start=1)``), diffusers at the steps after
-    ``update_after_step`` (``CopyUntil(Ramp(d), update_after_step)``)."""
+    ``update_after_step`` (``CopyUntil(Ramp(d), update_after_step)``).
+
+    Args:
+        decay: The largest decay, in ``[0, 1]``; 1 leaves the ramp uncapped.
+        min_decay: The smallest decay, in ``[0, 1]``, at most ``decay``.
+    """
 
     decay: float = 1.0
     min_decay: float = 0.0
@@ -188,7 +229,12 @@ class MomentumAnnealing(Formula):
     """mmengine ``MomentumAnnealingEMA``: ``max(momentum, gamma / (gamma + t))``.
     The first update (t = 0) copies the weights; the momentum then falls like
     ``gamma / (gamma + t)`` until it reaches ``momentum``. mmengine's ``t``
-    counts optimizer steps (every ``update_parameters`` call, updating or not)."""
+    counts optimizer steps (every ``update_parameters`` call, updating or not).
+
+    Args:
+        momentum: The smallest momentum, in ``(0, 1]``.
+        gamma: The annealing's time scale, a finite number > 0.
+    """
 
     momentum: float = 2e-4
     gamma: float = 100
@@ -224,13 +270,18 @@ class CopyUntil(_Until):
     This is ema-pytorch's and diffusers' ``update_after_step=step``, timm's
     ``update_after_step`` as timm's train script calls it, mmengine's
     ``begin_iter=b`` with ``step = max(b - 1, 0)``, and the first-update copy
-    of mmengine, ``AveragedModel`` and Lightning."""
+    of mmengine, ``AveragedModel`` and Lightning.
+
+    Args:
+        schedule: The schedule after the copies, evaluated at ``t - step``.
+        step: The last step that copies, an integer >= 0.
+    """
 
     def __call__(self, t: int) -> float:
         return 1.0 if t <= self.step else self.schedule(t - self.step)
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.where(t <= self.step, 1.0, self.schedule.on_device((t - self.step).clamp_min(0)))
+        return torch.where(t <= self.step, 1.0, self.schedule.on_device((t - self.step).clamp_min(0)))  # type: ignore[attr-defined]  # device_schedule() checked it
 
 
 @dataclass(frozen=True)
@@ -238,22 +289,31 @@ class HoldUntil(_Until):
     """Momentum 0 (the EMA keeps its value) at every ``t < step``, then
     ``schedule(t)``. Lightning's ``update_starting_at_step`` keeps the initial
     weights until its first update, which copies:
-    ``HoldUntil(CopyUntil(Constant(1 - decay), s), s)``."""
+    ``HoldUntil(CopyUntil(Constant(1 - decay), s), s)``.
+
+    Args:
+        schedule: The schedule from ``step`` on, evaluated at ``t``.
+        step: The first step that updates, an integer >= 0.
+    """
 
     def __call__(self, t: int) -> float:
         return 0.0 if t < self.step else self.schedule(t)
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.where(t < self.step, 0.0, self.schedule.on_device(t))
+        return torch.where(t < self.step, 0.0, self.schedule.on_device(t))  # type: ignore[attr-defined]  # device_schedule() checked it
 
 
 @dataclass(frozen=True)
 class Recount:
     """``schedule`` evaluated at another library's counter: ``schedule(t // every + start)``.
 
-    ``every``: the library counts EMA updates, one per ``every`` optimizer
-    steps (give the same value as ``interval=``); ``start``: its counter at
-    the first update (``torch_ema`` counts the update being made, so 1)."""
+    Args:
+        schedule: The schedule to evaluate at the other counter.
+        every: The library counts EMA updates, one per ``every`` optimizer steps
+            (give the same value as ``interval=``); an integer >= 1.
+        start: Its counter at the first update (``torch_ema`` counts the update
+            being made, so 1); an integer >= 0.
+    """
 
     schedule: Schedule
     every: int = 1
@@ -268,7 +328,7 @@ class Recount:
         return self.schedule(t // self.every + self.start)
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return self.schedule.on_device(t // self.every + self.start)
+        return self.schedule.on_device(t // self.every + self.start)  # type: ignore[attr-defined]  # device_schedule() checked it
 
 
 @dataclass(frozen=True)
@@ -286,32 +346,58 @@ class _Pair:
 @dataclass(frozen=True)
 class Max(_Pair):
     """The larger momentum of two schedules at each step (the smaller decay):
-    ``Max(Cosine(...), Ramp())`` is a cosine that really warms up."""
+    ``Max(Cosine(...), Ramp())`` is a cosine that really warms up.
+
+    Args:
+        first: A schedule.
+        second: Another schedule.
+    """
 
     def __call__(self, t: int) -> float:
         return max(self.first(t), self.second(t))
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(self.first.on_device(t), self.second.on_device(t))
+        return torch.maximum(self.first.on_device(t), self.second.on_device(t))  # type: ignore[attr-defined]  # device_schedule() checked it
 
 
 @dataclass(frozen=True)
 class Min(_Pair):
-    """The smaller momentum of two schedules at each step (the larger decay)."""
+    """The smaller momentum of two schedules at each step (the larger decay).
+
+    Args:
+        first: A schedule.
+        second: Another schedule.
+    """
 
     def __call__(self, t: int) -> float:
         return min(self.first(t), self.second(t))
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(self.first.on_device(t), self.second.on_device(t))
+        return torch.minimum(self.first.on_device(t), self.second.on_device(t))  # type: ignore[attr-defined]  # device_schedule() checked it
+
+
 def sigma_rel_of(gamma: float) -> float:
-    """EDM2's relative standard deviation of the power-function profile with exponent ``gamma`` (Eq. 123)."""
+    """EDM2's relative standard deviation of the power-function profile with exponent ``gamma`` (Eq. 123).
+
+    Args:
+        gamma: The profile's exponent.
+
+    Returns:
+        ``sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))``.
+    """
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
 def gamma_of(sigma_rel: float) -> float:
     """The exponent of the power-function profile of width ``sigma_rel``: the largest real root of
-    ``g**3 + 7 g**2 + (16 - sigma_rel**-2) g + (12 - sigma_rel**-2)`` (EDM2 Eq. 126, Algorithm 2)."""
+    ``g**3 + 7 g**2 + (16 - sigma_rel**-2) g + (12 - sigma_rel**-2)`` (EDM2 Eq. 126, Algorithm 2).
+
+    Args:
+        sigma_rel: The profile's width relative to the run's length.
+
+    Returns:
+        The exponent gamma.
+    """
     import torch  # the companion matrix's eigenvalues, as numpy.roots finds them
 
     c = sigma_rel**-2
@@ -328,7 +414,17 @@ class PowerFunction(Formula):
     """The power-function EMA of EDM2 (Karras et al. 2024): momentum at step t is
     ``1 - (t / (t + 1)) ** (gamma + 1)``, so the first update copies the params and the
     EMA after T steps weighs step t's params in proportion to ``t ** gamma``.
-    Give ``gamma`` (> 0) or ``sigma_rel``, the profile's width relative to the run's length."""
+    Give ``gamma`` (> 0) or ``sigma_rel``, the profile's width relative to the run's length.
+
+    ``sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))`` (EDM2
+    Eq. 123); from ``sigma_rel``, gamma is the largest real root of EDM2's Eq. 126.
+    Post-hoc snapshots (:mod:`triton_ema.posthoc`) need these profiles.
+
+    Args:
+        gamma: The exponent, a positive finite number.
+        sigma_rel: The width, in ``(0, 0.2887)`` (``sqrt(1/12)``, gamma > 0).
+            Give exactly one of the two; the other is computed.
+    """
 
     gamma: float | None = None
     sigma_rel: float | None = None
@@ -343,7 +439,7 @@ class PowerFunction(Formula):
             object.__setattr__(self, "sigma_rel", sigma_rel)
             object.__setattr__(self, "gamma", gamma_of(sigma_rel))
             return
-        gamma = float(self.gamma)
+        gamma = float(self.gamma)  # type: ignore[arg-type]  # not None: sigma_rel is, and exactly one is given
         if not 0.0 < gamma < math.inf:
             raise ValueError(f"gamma must be a positive finite number, got {self.gamma}")
         object.__setattr__(self, "gamma", gamma)
@@ -354,7 +450,19 @@ class PowerFunction(Formula):
 
 
 def as_schedule(momentum: float | Schedule | None, decay: float | None) -> Schedule:
-    """The schedule for the ``momentum=`` / ``decay=`` constructor arguments."""
+    """The schedule for the ``momentum=`` / ``decay=`` constructor arguments.
+
+    Args:
+        momentum: A float (a :class:`Constant`) or a schedule, or None.
+        decay: A float in ``[0, 1)`` (``Constant(1 - decay)``), or None.
+
+    Returns:
+        The schedule.
+
+    Raises:
+        TypeError: A value that is neither a float nor a callable.
+        ValueError: Both or neither given; a value out of range.
+    """
     if momentum is not None and decay is not None:
         raise ValueError("give either momentum or decay (momentum = 1 - decay), not both")
     if decay is not None:
@@ -372,9 +480,21 @@ def as_schedule(momentum: float | Schedule | None, decay: float | None) -> Sched
     return Constant(momentum)
 
 
-def profile_schedules(momentum, decay) -> dict[str | None, Schedule]:
-    """The EMA profiles for the ``momentum=`` / ``decay=`` arguments: a dict of named
-    schedules, or ``{None: schedule}`` for a single float or schedule."""
+def profile_schedules(momentum: Any, decay: Any) -> dict[str | None, Schedule]:
+    """The EMA profiles for the ``momentum=`` / ``decay=`` arguments.
+
+    Args:
+        momentum: A float, a schedule or a dict ``{name: float or schedule}``, or None.
+        decay: A float or a dict ``{name: float}``, or None.
+
+    Returns:
+        A dict of named schedules, or ``{None: schedule}`` for a single float or schedule.
+
+    Raises:
+        TypeError: A profile name that is not a non-empty string, or a bad value
+            (the message names the profile).
+        ValueError: An empty dict, both or neither given, a value out of range.
+    """
     given = momentum if decay is None else decay
     if not isinstance(given, dict):
         return {None: as_schedule(momentum, decay)}
@@ -385,7 +505,7 @@ def profile_schedules(momentum, decay) -> dict[str | None, Schedule]:
     for name in given:
         if not isinstance(name, str) or not name:
             raise TypeError(f"EMA profile names must be non-empty strings, got {name!r}")
-    out = {}
+    out: dict[str | None, Schedule] = {}
     for name, value in given.items():
         try:
             out[name] = as_schedule(None, value) if decay is not None else as_schedule(value, None)
@@ -395,7 +515,20 @@ def profile_schedules(momentum, decay) -> dict[str | None, Schedule]:
 
 
 def momentum_at(schedule: Schedule, t: int) -> float:
-    """Evaluate ``schedule(t)`` and check it is a momentum in ``[0, 1]``."""
+    """Evaluate ``schedule(t)`` and check it is a momentum in ``[0, 1]``.
+
+    Args:
+        schedule: A schedule.
+        t: The 0-based optimizer step.
+
+    Returns:
+        The momentum, a float.
+
+    Raises:
+        TypeError: The schedule returned something that is not a float.
+        ValueError: The value lies outside ``[0, 1]`` or is NaN (naming the
+            schedule, the step and the value).
+    """
     value = schedule(t)
     try:
         value = float(value)

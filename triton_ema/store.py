@@ -1,19 +1,65 @@
 """The jobs over all buckets of one EMA: build them, keep them valid, update, swap, load.
 
 This is the layer above both storage (:mod:`.buckets`, which knows no backend)
-and the backends: it picks a backend per bucket and runs each job as one
-backend call per bucket.
+and the backends: it picks a backend per bucket (:func:`select_backend`, the one
+place that chooses) and runs each job as one backend call per bucket.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .backends import select_backend
-from .buckets import StorageWatch, build_buckets
+from .backends import BACKENDS, TRITON_DTYPES, Backend, TorchBackend
+from .buckets import Bucket, StorageWatch, build_buckets, is_dense
+
+_TORCH = TorchBackend()
+
+
+def triton_unavailable(bucket: Bucket) -> str | None:
+    """Why the Triton backend cannot run ``bucket``, or None when it can."""
+    device = bucket.param_device
+    if bucket.shadows.device != device:
+        return f"shadows on {bucket.shadows.device} for parameters on {device} (Triton kernels need both on one device)"
+    if bucket.param_dtype not in TRITON_DTYPES or bucket.shadows.dtype not in TRITON_DTYPES:
+        return (f"parameter dtype {bucket.param_dtype} with shadow dtype {bucket.shadows.dtype} "
+                "(Triton kernels take float32, bfloat16, float16)")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("parameters on the CPU (Triton runs CPU tensors only in its interpreter: "
+                "set TRITON_INTERPRET=1 before importing triton)")
+    if device.type not in ("cpu", "cuda"):
+        return f"parameters on {device}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    for name, t in zip(bucket.names, bucket.tensors):
+        if not is_dense(t):
+            return f"{name} is a non-dense view (stride {t.stride()}); make it contiguous"
+    return None
+
+
+def select_backend(name: str, bucket: Bucket) -> Backend:
+    """The backend that runs ``bucket``'s jobs for the user's ``backend=`` choice."""
+    if name == "torch":
+        return _TORCH
+    reason = triton_unavailable(bucket)
+    if name == "triton":
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run {reason}; use backend='auto' or 'torch'")
+        from .triton_backend import TritonBackend
+
+        return TritonBackend()
+    if name == "auto":
+        if reason is None and bucket.param_device.type == "cuda":
+            from .triton_backend import TritonBackend
+
+            return TritonBackend()
+        return _TORCH
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:

@@ -20,54 +20,70 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from . import sharding
+from .sharding import reshard
 
 if TYPE_CHECKING:
-    from .optimizer import EMAOptimizer
+    from .ema import EMA
 
 
 class SwapContext:
-    """What ``opt.swap_ema()`` returns; reports itself if it is never entered."""
+    """What ``opt.swap_ema()`` returns; reports itself if it is never entered.
 
-    def __init__(self, opt: EMAOptimizer, profile: int = 0) -> None:
-        self._opt = opt
+    It swaps profile ``profile`` of ``ema`` and gives ``front`` (the object whose
+    ``swap_ema()`` made it) to the with-block; ``after`` (if given) runs after the
+    swap in and after the swap out, for a front end whose model holds copies of the
+    averaged tensors. If it raises after the swap in, the swap is undone (``after``
+    runs again) before the error propagates."""
+
+    def __init__(self, ema: EMA, profile: int = 0, front: Any = None,
+                 after: Callable[[], None] | None = None) -> None:
+        self._ema = ema
         self._profile = profile
+        self._front = ema if front is None else front
+        self._after = after
         caller = sys._getframe(2)  # the user's call of opt.swap_ema()
         self._caller = (caller.f_code.co_filename, caller.f_lineno)
         self._entered = False
         self._kept: dict[int, Tensor] = {}
 
-    def __enter__(self) -> EMAOptimizer:
+    def __enter__(self) -> Any:
         self._entered = True
-        opt = self._opt
-        if opt._store.swapped:
+        ema = self._ema
+        if ema.swapped:
             raise RuntimeError("swap_ema() is already active; nesting it would put training weights in the model")
         with torch.no_grad():
-            sharding.reshard(opt.model)  # FSDP2: a gathered copy of the training weights would hide the swap
-            opt._sync()
-            self._kept = {i: opt._store.shadow_view(i, self._profile).clone()
-                          for i in range(opt._tracking.num_params, len(opt._store))}
-            opt._store.swap_in(self._profile)
-        return opt
+            reshard(ema.model)  # FSDP2: a gathered copy of the training weights would hide the swap
+            ema.sync()
+            self._kept = {i: ema.store.shadow_view(i, self._profile).clone()
+                          for i in range(ema.num_params, len(ema.names))}
+            ema.swap_in(self._profile)
+            if self._after is not None:
+                try:
+                    self._after()
+                except BaseException:  # the with-block never runs: the training values go back first
+                    self.__exit__(*sys.exc_info())
+                    raise
+        return self._front
 
     def __exit__(self, *exc_info: object) -> None:
-        opt = self._opt
+        ema = self._ema
         with torch.no_grad():
-            sharding.reshard(opt.model)  # FSDP2: a forward in the block left the EMA gathered
-            moved = opt._store.swap_out(opt._tracking.current())
+            reshard(ema.model)  # FSDP2: a forward in the block left the EMA gathered
+            moved = ema.swap_out()
             changed = self._restore_buffers()
-            if moved:
-                _put_back(opt, moved)
+            if self._after is not None:
+                self._after()
         if changed:
             warnings.warn(f"{', '.join(changed)} changed inside swap_ema() (a forward in train mode? call model.eval() "
                           "first); the EMA of averaged buffers is kept as it was", UserWarning, stacklevel=2)
         if moved:
-            names = [opt._store.names[i] for i in moved]
+            names = [ema.names[i] for i in moved]
             raise RuntimeError(f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''} moved to another "
                                "dtype, device or layout inside swap_ema(): the training weights are back in the moved "
                                "model and the EMA kept its values from before the move; move the model outside the "
@@ -76,7 +92,7 @@ class SwapContext:
     def _restore_buffers(self) -> list[str]:
         """Put back every averaged buffer's EMA that the block changed; their names."""
         changed = []
-        store = self._opt._store
+        store = self._ema.store
         for i, kept in self._kept.items():
             shadow = store.shadow_view(i, self._profile)
             if not bitwise_equal(shadow, kept):
@@ -95,21 +111,3 @@ class SwapContext:
 def bitwise_equal(a: Tensor, b: Tensor) -> bool:
     bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return torch.equal(a.view(bits), b.view(bits))
-
-
-def _put_back(opt: EMAOptimizer, moved: dict[int, Tensor]) -> None:
-    """The training weights in ``moved[i]`` (the storage tensor ``i`` had when the
-    swap began) go into the model: into the tensor's new storage, or, where its
-    shape changed, the old storage is put back in the model. The next step or
-    swap lays the shadows out for the new layout."""
-    n = opt._tracking.num_params
-    for i, old in moved.items():
-        current = sharding.local(opt._tracking.objects[i])
-        if current.shape == old.shape:
-            current.detach().copy_(old)
-        elif i < n:
-            opt._tracking.objects[i].data = old
-        else:
-            module, attr, _ = opt._tracking.buffer_slots[i - n]
-            module._buffers[attr] = opt._tracking.objects[i] = old
-            opt._store.replace(i, old)

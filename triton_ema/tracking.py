@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from . import sharding
 from .arguments import check_params, find_buffers, param_names
+from .sharding import is_dtensor, local
 
 if TYPE_CHECKING:
     from .store import ShadowStore
@@ -32,11 +32,13 @@ class Tracking:
         check_params(params, names)
         self.objects = params + [module._buffers[attr] for module, attr, _ in self.buffer_slots]
         self.num_params = len(params)
-        self.shards = [i for i, t in enumerate(params) if sharding.is_dtensor(t)]
-        return [sharding.local(t) for t in self.objects], names + self.buffer_names
+        self.shards = [i for i, t in enumerate(params) if is_dtensor(t)]
+        return [local(t) for t in self.objects], names + self.buffer_names
 
     def positions(self) -> dict[int, int]:
-        """Each averaged tensor's index, by ``id()`` of the object the user holds."""
+        """Each averaged tensor's index, by ``id()`` of the object the model holds now: buffers
+        that ``module.to()`` replaced are taken first (their EMA stays where it is in the store)."""
+        self._take_buffers(strict=False)
         return {id(t): i for i, t in enumerate(self.objects)}
 
     @property
@@ -67,10 +69,27 @@ class Tracking:
                 store.replace(i, objects[i]._local_tensor)
         for i in range(self.num_params, len(objects)):
             if objects[i] is not tracked[i]:
-                store.replace(i, sharding.local(objects[i]))
+                store.replace(i, local(objects[i]))
         store.refresh()
 
     def current(self) -> list[Tensor]:
         """The averaged tensors as the model holds them now, as the buckets see them."""
         self._take_buffers(strict=False)
-        return [sharding.local(t) for t in self.objects]
+        return [local(t) for t in self.objects]
+
+    def put_back(self, moved: dict[int, Tensor], store: ShadowStore) -> None:
+        """After a swap: the training weights in ``moved[i]`` (the storage tensor ``i`` had
+        when the swap began) go into the model: into the tensor's new storage, or, where
+        its shape changed, the old storage is put back in the model. The next step or
+        swap lays the shadows out for the new layout."""
+        n = self.num_params
+        for i, old in moved.items():
+            current = local(self.objects[i])
+            if current.shape == old.shape:
+                current.detach().copy_(old)
+            elif i < n:
+                self.objects[i].data = old
+            else:
+                module, attr, _ = self.buffer_slots[i - n]
+                module._buffers[attr] = self.objects[i] = old
+                store.replace(i, old)

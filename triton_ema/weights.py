@@ -45,7 +45,35 @@ def load_ema_weights(source: str | os.PathLike | Mapping[str, Any], *, profile: 
 
     Files are read with ``torch.load(weights_only=True)``; one that needs more
     (any class beyond tensors and plain containers) is refused, unless
-    ``weights_only=False`` is given for a checkpoint from a source you trust."""
+    ``weights_only=False`` is given for a checkpoint from a source you trust.
+
+    Args:
+        source: A checkpoint file or folder: ``torch.save(opt.state_dict())``, a
+            Lightning ``.ckpt`` or ``ModelParallelStrategy`` folder, a transformers
+            Trainer ``checkpoint-<step>/`` folder or its ``optimizer.pt``, an
+            accelerate ``save_state`` folder or its ``optimizer.bin``, an mmengine
+            checkpoint, a DCP folder written beside ``opt.ema_checkpoint``; or a
+            checkpoint already loaded (a dict).
+        profile: The EMA profile, where the checkpoint has several.
+        model: The model, to fill the entries the checkpoint does not hold and to
+            name the shadows of a checkpoint saved without ``model=``.
+        weights_only: Read files with ``torch.load(weights_only=True)``; False
+            only for a checkpoint from a source you trust (mmengine's always need
+            it).
+
+    Returns:
+        A dict keyed like the unwrapped model's ``state_dict()``, every value a
+        tensor of its own.
+
+    Raises:
+        FileNotFoundError: No checkpoint at ``source``.
+        NotImplementedError: A folder form whose reader this install lacks.
+        TypeError: ``source`` is neither a path nor a dict.
+        ValueError: No EMA in the checkpoint, a folder of no known form, a
+            missing or unknown profile, no parameter names and no ``model``, or
+            a checkpoint that needs unpickling beyond tensors (the message names
+            what it holds).
+    """
     if isinstance(source, Mapping):
         found = from_dict(source, "the checkpoint")
     elif isinstance(source, (str, os.PathLike)):
@@ -276,5 +304,12 @@ FORMS_KNOWN = ("an optimizer state dict, a Lightning, mmengine, transformers Tra
 
 
 def folder_form(path: Path) -> FolderForm | None:
-    """The form of checkpoint folder ``path`` is, or None."""
+    """The form of checkpoint folder ``path`` is, or None.
+
+    Args:
+        path: A folder.
+
+    Returns:
+        The first of ``FOLDER_FORMS`` that recognises it, or None.
+    """
     return next((form for form in FOLDER_FORMS if form.detect(path)), None)

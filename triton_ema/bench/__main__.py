@@ -30,7 +30,7 @@ from .measure import (
     timer,
 )
 from .providers import DTYPES, copy_job, make_job, providers
-from .targets import check, report
+from .targets import TARGETS, check, report
 from .train import default_config, train_rows
 
 JOBS = ("update", *PROFILE_JOBS, "swap", "step", "host", "parity", "train")
@@ -53,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS))
     p.add_argument("--reps", type=int, default=None, help="timed calls per row (default: 5 on CPU, 100 on GPU)")
     p.add_argument("--tiny", action="store_true", help="tiny workloads: checks the machinery, measures nothing")
+    p.add_argument("--targets-only", action="store_true",
+                   help="only the rows this device's targets need, of --jobs (with --tiny, on tiny workloads)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -71,6 +73,36 @@ def timed_in_turn(job: str, device: torch.device) -> bool:
     torch._foreach_lerp_ calls). On a GPU each K-profile row is timed alone, so that one
     provider's K shadows of 1B params at a time take the device's memory."""
     return job == "parity" or (job in PROFILE_JOBS and device.type == "cpu")
+
+
+def all_batches(available, args) -> list[list[tuple]]:
+    """Tasks timed together, one (job, workload, dtype) at a time: every provider of every job."""
+    batches = []
+    for job in args.jobs:
+        for w in ["tiny-many"] if args.tiny and job in TINY_ONE_WORKLOAD else JOB_WORKLOADS.get(job, args.workloads):
+            for d in [d for d in JOB_DTYPES.get(job, args.dtypes) if d in args.dtypes]:
+                batch = [(p, job, WORKLOADS[w], d) for p in available if job in p.jobs]
+                batches += [batch] if timed_in_turn(job, args.device) else [[task] for task in batch]
+    return batches
+
+
+def target_batches(available, args) -> list[list[tuple]]:
+    """The rows of --jobs that this device's targets need (the training step's come from train_rows);
+    with --tiny, those of the GPU's targets on the tiny workloads (the GPU run's machinery, anywhere)."""
+    named = {p.name: p for p in available}
+    device = "cuda" if args.tiny else args.device.type
+    wanted = {}
+    for provider, job, workload, dtype in (row for t in TARGETS if t.device == device for row in t.needs()):
+        w = ("tiny-gpt2" if workload == "gpt2-small" else "tiny-many") if args.tiny else workload
+        if job in args.jobs and job != "train" and provider in named and job in named[provider].jobs:
+            wanted[(provider, job, w, dtype)] = None
+    groups: dict[tuple, list] = {}
+    for provider, job, w, dtype in wanted:
+        groups.setdefault((job, w, dtype), []).append((named[provider], job, WORKLOADS[w], dtype))
+    batches = []
+    for (job, _, _), batch in groups.items():
+        batches += [batch] if timed_in_turn(job, args.device) else [[task] for task in batch]
+    return batches
 
 
 def run_rows(tasks, args, measure):
@@ -185,12 +217,7 @@ def main(argv=None) -> dict:
 
     available = [p for p in providers() if p.absent is None]
     env["absent"] = {p.name: p.absent for p in providers() if p.absent is not None}
-    batches = []  # tasks timed together: one (job, workload, dtype) at a time
-    for job in args.jobs:
-        for w in ["tiny-many"] if args.tiny and job in TINY_ONE_WORKLOAD else JOB_WORKLOADS.get(job, args.workloads):
-            for d in [d for d in JOB_DTYPES.get(job, args.dtypes) if d in args.dtypes]:
-                batch = [(p, job, WORKLOADS[w], d) for p in available if job in p.jobs]
-                batches += [batch] if timed_in_turn(job, args.device) else [[task] for task in batch]
+    batches = target_batches(available, args) if args.targets_only else all_batches(available, args)
     # A tiny row takes milliseconds: there the full garbage collection before each row's memory
     # measurement would take most of the run, so it skips what was alive before the rows.
     with frozen_heap() if args.tiny else contextlib.nullcontext():

@@ -92,7 +92,7 @@ class _Idle(torch.optim.Optimizer):
 def triton_ema(backend: str) -> Provider:
     def update(params, shadow_dtype):
         opt = _ema(params, shadow_dtype, backend)
-        return lambda: opt._update_ema([MOMENTUM])  # the EMA part of opt.step(), storage checks included
+        return lambda: opt.core.update([MOMENTUM])  # the EMA part of opt.step(), storage checks included
 
     def swap(params, shadow_dtype):
         opt = _ema(params, shadow_dtype, backend)
@@ -113,7 +113,7 @@ def triton_ema(backend: str) -> Provider:
     def profiles(params, shadow_dtype, k):  # one EMAOptimizer with K profiles: each param read once for all
         momenta = _momenta(k)
         opt = _ema(params, shadow_dtype, backend, {f"ema{i}": m for i, m in enumerate(momenta)})
-        return lambda: opt._update_ema(momenta)
+        return lambda: opt.core.update(momenta)
 
     # "host": a whole opt.step() over an idle base optimizer, timed on the host without waiting for the device;
     # "parity": the same step, timed with the device, against a bare torch._foreach_lerp_.
@@ -129,7 +129,7 @@ def separate_triton_ema(backend: str) -> Provider:
 
         def run():
             for opt, m in zip(opts, momenta):
-                opt._update_ema([m])
+                opt.core.update([m])
         return run
 
     return Provider(f"K x triton-ema[{backend}]", _per_profile_count(profiles), _triton_absent(backend))
@@ -139,10 +139,26 @@ def separate_triton_ema(backend: str) -> Provider:
 
 
 def _foreach_lerp(params, shadow_dtype):
+    """The kernel alone: lists built once (params upcast every call for wider shadows: foreach needs one dtype)."""
     shadows = _shadows(params, shadow_dtype)
     if all(p.dtype == shadow_dtype for p in params):
-        return lambda: torch._foreach_lerp_(shadows, [p.detach() for p in params], MOMENTUM)
+        ends = [p.detach() for p in params]
+        return lambda: torch._foreach_lerp_(shadows, ends, MOMENTUM)
     return lambda: torch._foreach_lerp_(shadows, _ends(params, shadow_dtype), MOMENTUM)
+
+
+def _foreach_lerp_lists_per_step(params, shadow_dtype):
+    """As timm's ModelEmaV3 calls it: both lists rebuilt from the two models' state dicts every step."""
+    model = _module(params)
+    ema = _module(_shadows(params, shadow_dtype))
+
+    def run():
+        ema_values, model_values = [], []
+        for ema_v, model_v in zip(ema.state_dict().values(), model.state_dict().values()):
+            ema_values.append(ema_v)
+            model_values.append(model_v if model_v.dtype == ema_v.dtype else model_v.to(ema_v.dtype))
+        torch._foreach_lerp_(ema_values, model_values, MOMENTUM)
+    return run
 
 
 def _foreach_lerp_per_profile(params, shadow_dtype, k):
@@ -300,6 +316,7 @@ def providers() -> list[Provider]:
         separate_triton_ema("triton"),
         separate_triton_ema("torch"),
         Provider("foreach_lerp", {"update": _foreach_lerp, "parity": _foreach_lerp}),
+        Provider("foreach_lerp (lists per step)", {"update": _foreach_lerp_lists_per_step}),
         Provider("K x foreach_lerp", _per_profile_count(_foreach_lerp_per_profile)),
         Provider("loop mul_+add_ (mmcv)", {"update": _mul_add_loop}),
         Provider("loop lerp_ (mmengine)", {"update": _lerp_loop}),

@@ -11,11 +11,12 @@ Under ZeRO 1-3 (and DeepSpeed's bf16/fp16 optimizers) the engine's optimizer
 wraps a torch optimizer whose parameters are the fp32 master weights of this
 rank: flat partitions, or per-parameter copies at stage 0. The EMA is of
 those tensors, in float32, with no collective in the step and no full copy.
-It is driven by that torch optimizer's own hooks: it updates once all master
-tensors have taken their step (a step DeepSpeed skips for a non-finite
-gradient never steps them: nothing updates, nothing is counted), and it
-rides in that optimizer's ``state_dict()``, which DeepSpeed writes to each
-rank's optimizer-states file and loads back. The engine's ``step``,
+It is a front end over the EMA core (:class:`triton_ema.ema.EMA` of the
+master tensors), driven by that torch optimizer's own hooks: it updates once
+all master tensors have taken their step (a step DeepSpeed skips for a
+non-finite gradient never steps them: nothing updates, nothing is counted),
+and it rides in that optimizer's ``state_dict()``, which DeepSpeed writes to
+each rank's optimizer-states file and loads back. The engine's ``step``,
 ``save_checkpoint`` and ``load_checkpoint`` are wrapped on the instance, to
 refuse them inside ``swap_ema()`` and to restart the EMA from the loaded
 weights when a load does not bring the optimizer states.
@@ -28,8 +29,6 @@ import inspect
 import math
 import warnings
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import deepspeed
@@ -42,24 +41,16 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch import Tensor
 
+from ..checkpoint import Checked, check_ema, ema_state
 from ..deepspeed_checkpoint import LAYOUT_FORMAT, assemble, rank_ema
-from ..optimizer import EMAOptimizer
+from ..ema import EMA, Update
+from ..frontend import EMAFrontEnd
 from ..schedules import Schedule
+from ..swap import SwapContext
 
 __all__ = ["attach", "attached", "DeepSpeedEMA"]
 
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its DeepSpeedEMA
-
-
-class _Masters(torch.optim.Optimizer):
-    """The engine's fp32 master tensors as an optimizer whose step changes nothing:
-    the :class:`EMAOptimizer` over it is stepped once the engine's own optimizer stepped them all."""
-
-    def __init__(self, masters: list[Tensor]) -> None:
-        super().__init__([{"params": masters}], {})
-
-    def step(self, closure: Any = None) -> None:
-        return None
 
 
 def attach(engine: Any, momentum: float | Schedule | dict | None = None, **kwargs: Any) -> DeepSpeedEMA:
@@ -67,7 +58,26 @@ def attach(engine: Any, momentum: float | Schedule | dict | None = None, **kwarg
 
     Takes :class:`~triton_ema.EMAOptimizer`'s arguments (``momentum`` or
     ``decay``, ``interval``, ``shadow_dtype``, ``device``, ``backend``, ...);
-    the model is the engine's module. Returns a :class:`DeepSpeedEMA`."""
+    the model is the engine's module. The EMA is of the fp32 master weights
+    this rank owns, in float32, with no collective in the step.
+
+    Args:
+        engine: The engine ``deepspeed.initialize`` returns (ZeRO 0-3, fp32,
+            bf16, ``BF16_Optimizer``; no offloading).
+        momentum: As for :class:`~triton_ema.EMAOptimizer`.
+        **kwargs: :class:`~triton_ema.EMAOptimizer`'s other arguments; not
+            ``model`` or ``update_buffers``.
+
+    Returns:
+        The :class:`DeepSpeedEMA`.
+
+    Raises:
+        TypeError: ``engine`` is not a ``DeepSpeedEngine``.
+        RuntimeError: An EMA is already attached to this engine.
+        ValueError: ``model=`` or ``update_buffers=`` given; an engine without
+            an optimizer, with offloading, or with DeepSpeed's fused fp16
+            optimizer.
+    """
     if not isinstance(engine, deepspeed.DeepSpeedEngine):
         raise TypeError(f"attach() takes the engine that deepspeed.initialize() returns, got {type(engine).__name__}: "
                         "call deepspeed.initialize(model=..., optimizer=...) first and attach to its engine")
@@ -83,12 +93,31 @@ def attach(engine: Any, momentum: float | Schedule | dict | None = None, **kwarg
 
 
 def attached(engine: Any) -> DeepSpeedEMA | None:
-    """The EMA that :func:`attach` attached to ``engine``, or None."""
+    """The EMA that :func:`attach` attached to ``engine``, or None.
+
+    Args:
+        engine: A ``DeepSpeedEngine``.
+    """
     return _ATTACHED.get(engine)
 
 
-class DeepSpeedEMA:
-    """The EMA of one engine's master weights: ``swap_ema()``, ``ema_state_dict(full=)``, ``num_steps``."""
+class DeepSpeedEMA(EMAFrontEnd):
+    """The EMA of one engine's master weights: ``swap_ema()``, ``ema_state_dict(full=)``, ``num_steps``.
+
+    Made by :func:`attach`, not directly. The EMA rides in the state dict of
+    DeepSpeed's torch optimizer (``"ema"`` and ``"ema_layout"``), so
+    ``engine.save_checkpoint`` / ``load_checkpoint`` carry it.
+
+    Args:
+        engine: The engine.
+        momentum: As for :class:`~triton_ema.EMAOptimizer`.
+        kwargs: :class:`~triton_ema.EMAOptimizer`'s other arguments, a dict.
+
+    Attributes:
+        engine: The engine.
+        core: The EMA of this rank's master tensors.
+        layout: Where each parameter lies in the ranks' master tensors.
+    """
 
     def __init__(self, engine: Any, momentum: Any, kwargs: dict[str, Any]) -> None:
         outer = engine.optimizer
@@ -106,12 +135,12 @@ class DeepSpeedEMA:
         self.kind, self.inner, masters = _masters(engine)
         self._masters = masters
         self._master_ids = {id(t) for t in masters}
-        self.ema = EMAOptimizer(_Masters(masters), momentum, **kwargs)
+        self.core = EMA([{"params": masters}], momentum, **kwargs)
         self.layout = self._layout(masters)
-        self._stepped: set[int] = set()
-        self._swapped = False
+        self._stepped: set[int] = set()  # the masters stepped so far in this engine step
+        self._update: Update | None = None  # this engine step's EMA update, taken before its first master changed
         self._loaded: str | None = None  # during load_checkpoint: "ema" or "bare" once the torch optimizer loaded
-        self._pending: dict | None = None  # between the load hooks: the checked "ema" entry
+        self._pending: Checked | None = None  # between the load hooks: the checked "ema" entry
         self._handles = [self.inner.register_step_pre_hook(self._before_step),
                          self.inner.register_step_post_hook(self._after_step),
                          self.inner.register_state_dict_post_hook(self._add_state),
@@ -124,34 +153,24 @@ class DeepSpeedEMA:
     # --- what the user calls ------------------------------------------------
 
     @property
-    def num_steps(self) -> int:
-        """Optimizer steps the engine applied since the EMA began (skipped ones not counted)."""
-        return self.ema.num_steps
-
-    @property
     def world_size(self) -> int:
+        """The data-parallel world size the layout was made for."""
         return int(self.layout["world_size"])
 
-    @contextmanager
-    def swap_ema(self, name: str | None = None) -> Iterator[None]:
-        """``with ema.swap_ema():`` the engine's module computes with the EMA (of profile ``name``,
-        needed with several); on exit, also by an exception, the training weights are back, bitwise.
+    def swap_ema(self, name: str | None = None) -> SwapContext:
+        """``with ema.swap_ema():`` the engine's module computes with the EMA; on exit, also by an
+        exception, the training weights are back, bitwise.
+
         A collective under ZeRO (every rank enters it): the 16-bit weights are refreshed from
-        the swapped masters the way DeepSpeed refreshes them after a step."""
-        if self._swapped:
-            raise RuntimeError("swap_ema() is already active; nesting it would put training weights in the model")
-        swap = self.ema.swap_ema(name)
-        swap.__enter__()
-        self._swapped = True
-        try:
-            self._refresh()
-            yield
-        finally:
-            try:
-                swap.__exit__(None, None, None)
-                self._refresh()
-            finally:
-                self._swapped = False
+        the swapped masters the way DeepSpeed refreshes them after a step.
+
+        Args:
+            name: The profile; required with several.
+
+        Raises:
+            RuntimeError: Nested; ``engine.step()`` or ``engine.save_checkpoint()`` inside it.
+        """
+        return SwapContext(self.core, self.core.profile(name), self, after=self._refresh)
 
     def ema_state_dict(self, name: str | None = None, *, full: bool = False) -> dict[str, Tensor]:
         """The EMA (float32, of profile ``name``) keyed like the engine's module parameters.
@@ -160,7 +179,15 @@ class DeepSpeedEMA:
         gets the whole dict). ``full=False``: this rank's part only, each a 1-d piece of the
         flattened parameter (ZeRO 1/2: the elements of the parameter in this rank's partition,
         parameters outside it absent; ZeRO-3: this rank's shard, padded as DeepSpeed pads it);
-        at stage 0 every parameter whole."""
+        at stage 0 every parameter whole.
+
+        Args:
+            name: The profile; required with several.
+            full: Gather every parameter whole (a collective under ZeRO).
+
+        Returns:
+            A dict keyed like the engine's module parameters.
+        """
         shadows = self.shadows(name)
         if self.kind == "whole":
             return assemble(self.layout, [shadows])
@@ -169,9 +196,18 @@ class DeepSpeedEMA:
         return self._local_pieces(shadows)
 
     def load_checkpoint_ema(self, folder: str, tag: str | None = None) -> None:
-        """This rank's EMA (and step count) from ``engine.save_checkpoint(folder, tag)`` (default tag: the one
-        in ``folder/latest``), without loading the engine's weights or optimizer states."""
-        self._refuse_while_swapped("load_checkpoint_ema()")
+        """This rank's EMA (and step count) from a checkpoint, without the engine's weights or optimizer states.
+
+        Args:
+            folder: What ``engine.save_checkpoint(folder, tag)`` wrote to.
+            tag: The checkpoint's tag; default the one in ``folder/latest``.
+
+        Raises:
+            RuntimeError: Inside ``swap_ema()``.
+            FileNotFoundError: No file of this rank, or no such tag.
+            ValueError: A file without the EMA, or of another layout (model, ZeRO stage, world size).
+        """
+        self.core.refuse_while_swapped("load_checkpoint_ema()")
         rank = 0 if self.kind == "whole" else dist.get_rank(group=self.engine.optimizer.dp_process_group)
         ema, layout = rank_ema(folder, tag, rank)
         self._check_load(self.inner, {"ema": ema, "ema_layout": layout})
@@ -179,32 +215,49 @@ class DeepSpeedEMA:
 
     @torch.no_grad()
     def load_into_model(self, name: str | None = None) -> None:
-        """The EMA (of profile ``name``) becomes the training weights: copied into this rank's master
-        weights, and what the module computes with refreshed from them (a collective under ZeRO: every
-        rank calls it). The EMA itself is unchanged; further steps train from the EMA weights."""
-        self._refuse_while_swapped("load_into_model()")
+        """The EMA becomes the training weights: copied into this rank's master weights, and what the
+        module computes with refreshed from them (a collective under ZeRO: every rank calls it).
+
+        The EMA itself is unchanged; further steps train from the EMA weights.
+
+        Args:
+            name: The profile; required with several.
+
+        Raises:
+            RuntimeError: Inside ``swap_ema()``.
+        """
+        self.core.refuse_while_swapped("load_into_model()")
         for master, shadow in zip(self._masters, self.shadows(name)):
             master.copy_(shadow)
         self._refresh()
 
     def shadows(self, name: str | None = None) -> list[Tensor]:
-        """This rank's EMA of each master tensor, in the order of the masters (copies)."""
-        ema = self.ema.state_dict()["ema"]
-        if "profiles" in ema:
-            names = list(ema["profiles"])
-            if name is None:
-                raise ValueError(f"this EMA has several profiles {names}: name the one you want")
-            if name not in ema["profiles"]:
-                raise ValueError(f"no EMA profile named {name!r}; the profiles are {names}")
-            ema = ema["profiles"][name]
-        elif name is not None:
-            raise ValueError(f"no EMA profile named {name!r}: this EMA has one unnamed profile (call without a name)")
-        return [ema["shadow"][i].detach().clone() for i in range(len(self._master_ids))]
+        """This rank's EMA of each master tensor, in the order of the masters (copies).
+
+        Args:
+            name: The profile; required with several.
+
+        Raises:
+            ValueError: A missing or unknown profile name.
+        """
+        core, profile = self.core, self.core.profile(name)
+        core.adopt_new_params()  # and waits for an update in flight
+        return [core.store.ema(i, profile).detach().clone() for i in range(len(core.names))]
+
+    # Model-keyed EMA modules and loads, and DCP, need the module's parameters averaged, not the masters.
+    def ema_module(self, name: str | None = None) -> Any:
+        raise _unsupported("ema_module()")
+
+    def load_ema_state_dict(self, state_dict: dict[str, Tensor], *, num_steps: int) -> None:
+        raise _unsupported("load_ema_state_dict()")
+
+    @property
+    def ema_checkpoint(self) -> Any:
+        raise _unsupported("ema_checkpoint")
 
     def detach(self) -> None:
         """Remove the hooks and the engine's wrapped methods: the engine trains and saves without the EMA."""
-        if self._swapped:
-            raise RuntimeError("detach() inside swap_ema() is not allowed; leave the with-block first")
+        self.core.refuse_while_swapped("detach()")
         for handle in self._handles:
             handle.remove()
         for method in ("step", "save_checkpoint", "load_checkpoint"):
@@ -217,21 +270,16 @@ class DeepSpeedEMA:
         original = getattr(self.engine, method)
         setattr(self.engine, method, functools.wraps(original)(functools.partial(wrapper, original)))
 
-    def _refuse_while_swapped(self, what: str) -> None:
-        if self._swapped:
-            raise RuntimeError(f"{what} inside swap_ema() is not allowed: the model holds the EMA weights; "
-                               "leave the with-block first")
-
     def _engine_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
-        self._refuse_while_swapped("engine.step()")
+        self.core.refuse_while_swapped("engine.step()")
         return original(*args, **kwargs)
 
     def _engine_save(self, original: Any, *args: Any, **kwargs: Any) -> Any:
-        self._refuse_while_swapped("engine.save_checkpoint()")
+        self.core.refuse_while_swapped("engine.save_checkpoint()")
         return original(*args, **kwargs)
 
     def _engine_load(self, original: Any, *args: Any, **kwargs: Any) -> Any:
-        self._refuse_while_swapped("engine.load_checkpoint()")
+        self.core.refuse_while_swapped("engine.load_checkpoint()")
         if self.engine.load_universal_checkpoint():
             raise ValueError("DeepSpeed's universal checkpoints do not carry the EMA (its conversion knows only "
                              "the optimizer's own states): resume the EMA on the number of ranks it was saved with, "
@@ -250,9 +298,7 @@ class DeepSpeedEMA:
         else:
             why = None
         if why is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the core's own no-"ema" warning; this one says why
-                self.ema.load_state_dict(self.ema.optimizer.state_dict())
+            self.core.restart()
             warnings.warn(f"{why}: the EMA restarts from the loaded weights (step count {self.num_steps})",
                           UserWarning, stacklevel=3)
             return result
@@ -267,8 +313,9 @@ class DeepSpeedEMA:
         return {id(p) for group in optimizer.param_groups for p in group["params"]} & self._master_ids
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # The engine's step() is refused first; this guards a direct call of its optimizer's step.
-        self._refuse_while_swapped("a step of the engine's optimizer")
+        # The engine's step() is refused inside a swap first; the core refuses a direct call of its optimizer's step.
+        if not self._stepped:  # the first call of this engine step: the core's checks, before any master changes
+            self._update = self.core.before_step()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         stepping = self._stepping(optimizer)
@@ -276,18 +323,18 @@ class DeepSpeedEMA:
             raise RuntimeError("the engine's optimizer stepped a master tensor twice before stepping all of them: "
                                "the EMA cannot tell its steps apart")
         self._stepped |= stepping
-        if self._stepped == self._master_ids:
-            self._stepped = set()
-            self.ema.step()  # the masters are stepped: one EMA update, one step counted
+        if self._stepped == self._master_ids:  # the masters are stepped: one EMA update, one step counted
+            update, self._stepped, self._update = self._update, set(), None
+            self.core.after_step(update)
 
     def _add_state(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-        state_dict["ema"] = self.ema.state_dict()["ema"]
+        state_dict["ema"] = ema_state(self.core)
         state_dict["ema_layout"] = dict(self.layout, rank=0 if self.kind == "whole" else dist.get_rank())
         return state_dict
 
     def _check_load(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         # Before the torch optimizer loads anything: the layout is checked here, the EMA loaded after it.
-        self._refuse_while_swapped("loading the optimizer state")
+        self.core.refuse_while_swapped("loading the optimizer state")
         self._pending = None
         if "ema" in state_dict:
             saved = state_dict.get("ema_layout", {})
@@ -295,7 +342,7 @@ class DeepSpeedEMA:
             for key in ("kind", "world_size", "names", "shapes", "masters", "offsets", "numels"):
                 if saved.get(key) != ours[key]:
                     raise ValueError(_layout_mismatch(key, saved.get(key), ours[key]))
-            self._pending = state_dict["ema"]
+            self._pending = check_ema(self.core, state_dict["ema"])
         return {k: v for k, v in state_dict.items() if k not in ("ema", "ema_layout")}
 
     def _load(self, optimizer: torch.optim.Optimizer) -> None:
@@ -303,9 +350,7 @@ class DeepSpeedEMA:
         if pending is None:
             self._loaded = "bare"  # saved without the EMA: load_checkpoint restarts it once the weights are loaded
             return
-        sd = self.ema.optimizer.state_dict()
-        sd["ema"] = pending
-        self.ema.load_state_dict(sd)
+        self.core.load(*pending)
         self._loaded = "ema"
 
     # --- where the parameters lie in the masters, and the 16-bit refresh ----------
@@ -400,6 +445,12 @@ def _all_gather(tensors: list[Tensor], world: int, group: Any) -> list[list[Tens
     for t, out in zip(tensors, gathered):
         dist.all_gather(out, t.contiguous(), group=group)
     return [[gathered[i][r] for i in range(len(tensors))] for r in range(world)]
+
+
+def _unsupported(what: str) -> RuntimeError:
+    return RuntimeError(f"{what} is not available under DeepSpeed: the EMA is of each rank's fp32 master partitions, "
+                        "not of the module's parameters; use ema_state_dict(full=True) (model-keyed, whole), "
+                        "swap_ema(), and engine.save_checkpoint()/load_checkpoint(), which carry the EMA")
 
 
 def _layout_mismatch(key: str, saved: Any, ours: Any) -> str:

@@ -41,16 +41,38 @@ __all__ = ["EMACallback"]
 class EMACallback(pl.Callback):
     """Keeps an EMA of the weights that ``trainer.optimizers[optimizer_index]`` trains.
 
-    Takes :class:`~triton_ema.EMAOptimizer`'s arguments (``momentum``, ``decay``,
-    ``interval``, ``update_buffers``, ``shadow_dtype``, ``device``, ``backend``,
-    ``skip_nonfinite``); ``model=`` is the LightningModule. Validation (and the
-    sanity check) and testing run on the EMA weights unless ``validate_on_ema`` /
-    ``test_on_ema`` is False: the module's steps and its ``on_validation_epoch_end``
-    / ``on_test_epoch_end``; checkpoints keep the training weights. With ``ema_at_end=True`` the model holds the EMA
-    weights when ``fit`` returns. ``callback.ema`` is the EMA (an attached
-    :class:`~triton_ema.EMAOptimizer`) once ``fit`` has started. ``test`` and
-    ``validate(ckpt_path=...)`` run on that checkpoint's EMA, also in a process
-    that has not fitted.
+    The EMA is attached (:func:`~triton_ema.attach`) to that optimizer when
+    ``fit`` starts; ``model=`` is the LightningModule. Validation (and the
+    sanity check) and testing run on the EMA weights (the module's steps and
+    its ``on_validation_epoch_end`` / ``on_test_epoch_end``), swapped back
+    bitwise after them, also when they raise; checkpoints keep the training
+    weights. Checkpoints carry the EMA in
+    ``checkpoint["optimizer_states"][i]["ema"]`` and ``fit(ckpt_path=...)``
+    resumes it bitwise; under ``ModelParallelStrategy`` (FSDP2) each rank's EMA
+    shards are saved beside the optimizer state in the distributed checkpoint.
+    ``test`` and ``validate(ckpt_path=...)`` run on that checkpoint's EMA, also
+    in a process that has not fitted.
+
+    Args:
+        momentum: As for :class:`~triton_ema.EMAOptimizer`.
+        validate_on_ema: Run validation (and the sanity check) on the EMA weights.
+        test_on_ema: Run testing on the EMA weights.
+        ema_at_end: Leave the EMA weights in the model when ``fit`` returns.
+        optimizer_index: Which of ``trainer.optimizers`` to keep the EMA of.
+        **ema_kwargs: :class:`~triton_ema.EMAOptimizer`'s other arguments
+            (``decay``, ``interval``, ``update_buffers``, ``shadow_dtype``,
+            ``device``, ``backend``, ``skip_nonfinite``); not ``model``.
+
+    Attributes:
+        ema: The EMA (an attached :class:`~triton_ema.EMAOptimizer`) once ``fit``
+            has started, else None.
+
+    Raises:
+        TypeError: ``model=`` given.
+        ValueError: ``optimizer_index`` out of range (when ``fit`` starts).
+        NotImplementedError: ``FSDPStrategy``, ``DeepSpeedStrategy``, or
+            ``ModelParallelStrategy(save_distributed_checkpoint=False)``, whose
+            checkpoints would not carry the EMA (when ``fit`` starts).
     """
 
     def __init__(self, momentum: float | Schedule | None = None, *, validate_on_ema: bool = True,

@@ -37,8 +37,47 @@ EMA_TYPES = ("ExponentialMovingAverage", "MomentumAnnealingEMA", "CosineEMA")
 
 @HOOKS.register_module()
 class TritonEMAHook(Hook):
-    """mmengine's ``EMAHook`` on triton-ema; ``shadow_dtype``, ``device``, ``backend`` and
-    ``skip_nonfinite`` are :class:`~triton_ema.EMAOptimizer`'s. ``hook.ema`` is the EMA once training runs."""
+    """mmengine's ``EMAHook`` on triton-ema, registered in mmengine's ``HOOKS``.
+
+    The EMA is attached (:func:`~triton_ema.attach`) to the optimizer of the
+    runner's ``OptimWrapper``. Validation and test epochs run on the EMA
+    weights. Checkpoints have ``EMAHook``'s layout (``state_dict`` holds the EMA
+    weights, ``ema_state_dict`` the training weights) and the exact EMA is in
+    ``optimizer["ema"]``; a checkpoint of mmengine's own ``EMAHook`` resumes too.
+    mmengine copies the weights until its first update and counts its steps from
+    there: ``CopyUntil(schedule, max(begin_iter - 1, 0))``.
+
+    Args:
+        ema_type: ``"ExponentialMovingAverage"`` (a :class:`~triton_ema.schedules.Constant`
+            momentum), ``"MomentumAnnealingEMA"``
+            (:class:`~triton_ema.schedules.MomentumAnnealing` with ``gamma``) or
+            mmpretrain's ``"CosineEMA"`` (:class:`~triton_ema.schedules.Cosine` to
+            ``end_momentum`` over the run's ``max_iters``).
+        strict_load: Loading a checkpoint of ``EMAHook`` that misses EMA entries
+            is an error; else they start from the checkpoint's weights.
+        begin_iter: The first iteration that updates (the weights are copied
+            until then), an integer >= 0.
+        begin_epoch: The same in epochs; not with ``begin_iter``.
+        momentum: The momentum; None: 0.004 for ``CosineEMA``, 2e-4 otherwise.
+        gamma: ``MomentumAnnealingEMA``'s time scale.
+        end_momentum: ``CosineEMA``'s final momentum.
+        interval: Update every ``interval`` optimizer steps; with
+            ``interval > 1``, ``begin_iter - 1`` (or the first iteration of
+            ``begin_epoch``) must be a multiple of it.
+        update_buffers: Also average the model's floating-point buffers.
+        **ema_kwargs: :class:`~triton_ema.EMAOptimizer`'s ``shadow_dtype``,
+            ``device``, ``backend``, ``skip_nonfinite``; not ``model``.
+
+    Attributes:
+        ema: The EMA (an attached :class:`~triton_ema.EMAOptimizer`) once the
+            run has an optimizer, else None.
+
+    Raises:
+        ValueError: An unknown ``ema_type``; a negative ``begin_iter`` or
+            ``begin_epoch``, or both given; a start that is not a multiple of
+            ``interval``, or beyond the run.
+        TypeError: ``model=`` given; an ``OptimWrapperDict`` (several optimizers).
+    """
 
     priority = "NORMAL"  # as EMAHook: before CheckpointHook, which must see the swapped state dict
 
@@ -99,7 +138,7 @@ class TritonEMAHook(Hook):
             raise ValueError(f"TritonEMAHook: begin_epoch={self.begin_epoch} / begin_iter={self.begin_iter} lies "
                              f"beyond the run (max_epochs={runner.max_epochs}, max_iters={runner.max_iters})")
         if not self._resumed:  # the weights were initialised or loaded after the EMA was attached
-            self.ema._apply_load(None)
+            self.ema.core.restart()
 
     def before_val_epoch(self, runner) -> None:
         self._swap_in()
@@ -155,7 +194,7 @@ class TritonEMAHook(Hook):
                 raise KeyError(message)
             print_log(message + "; the EMA of what is missing starts from the checkpoint's weights", "current")
         entry = self.ema.ema_checkpoint.state_dict()  # this EMA's layout, dtypes and current values
-        names = self.ema._param_names()
+        names = self.ema.core.param_names()
         for key in ("shadow", "buffers"):
             for slot, current in entry[key].items():
                 name = names[slot] if key == "shadow" else slot

@@ -68,9 +68,23 @@ def load_sharded_ema(ema: EMAOptimizer, folder: str) -> bool:
 
 
 def fsdp_ema_checkpoints(accelerator: Any, ema: EMAOptimizer) -> list[Any]:
-    """In an accelerate loop under FSDP2: ``accelerator.save_state(d)`` also saves ``ema`` (attached to the prepared
-    optimizer) into ``d/ema``, and ``load_state(d)`` loads it back after the optimizer (which loads without it).
-    Returns the two hooks' handles (``handle.remove()`` before preparing another model on this accelerator)."""
+    """Carry the EMA through ``save_state`` / ``load_state`` in an accelerate loop under FSDP2.
+
+    ``accelerator.save_state(d)`` also saves ``ema`` into ``d/ema`` (a DCP
+    checkpoint, each rank its shards), and ``load_state(d)`` loads it back
+    after the optimizer (whose saved state holds no EMA there).
+
+    Args:
+        accelerator: The ``Accelerator``.
+        ema: The EMA attached to the optimizer ``accelerator.prepare`` returned.
+
+    Returns:
+        The two hooks' handles: ``handle.remove()`` them before preparing
+        another model on this accelerator.
+
+    Raises:
+        FileNotFoundError: From ``load_state``, a folder without ``ema/``.
+    """
     saving = accelerator.register_save_state_pre_hook(
         lambda models, weights, output_dir: save_sharded_ema(ema, output_dir))
 
@@ -85,13 +99,33 @@ def fsdp_ema_checkpoints(accelerator: Any, ema: EMAOptimizer) -> list[Any]:
 class EMATrainerMixin:
     """Keeps an EMA of the weights the Trainer's optimizer trains.
 
-    ``ema_momentum`` and ``ema_kwargs`` are :class:`~triton_ema.EMAOptimizer`'s
-    ``momentum`` and other arguments (``model=`` is the Trainer's model).
-    ``evaluate()`` runs on the EMA weights unless ``evaluate_on_ema=False``;
-    with ``save_ema_model=True``, ``save_model()`` called by the user writes the
-    EMA weights (the checkpoints the Trainer writes to resume from keep the
-    training weights). With ``load_best_model_at_end=True`` the best checkpoint's
-    EMA comes back with its weights. ``trainer.ema`` is the EMA once the optimizer exists.
+    Put it first among the bases of a ``Trainer`` subclass. The EMA is attached
+    (:func:`~triton_ema.attach`) in ``create_optimizer`` (also to an optimizer
+    given as ``optimizers=``), before the Trainer hands the optimizer to
+    accelerate and loads a checkpoint into it: the Trainer's ``optimizer.pt``
+    carries the EMA and ``resume_from_checkpoint`` continues it bitwise. With
+    ``load_best_model_at_end=True`` the best checkpoint's EMA comes back with
+    its weights.
+
+    Args:
+        *args: The ``Trainer``'s positional arguments.
+        ema_momentum: :class:`~triton_ema.EMAOptimizer`'s ``momentum``.
+        ema_kwargs: :class:`~triton_ema.EMAOptimizer`'s other arguments, a dict
+            (``model=`` is the Trainer's model and may not be given).
+        evaluate_on_ema: ``evaluate()`` (also the evaluations during training,
+            and every dataset of a dict ``eval_dataset``, in one swap) runs on
+            the EMA weights, swapped back bitwise after it.
+        save_ema_model: ``save_model()`` called by the user writes the EMA
+            weights; the checkpoints the Trainer writes to resume from keep the
+            training weights either way.
+        **kwargs: The ``Trainer``'s keyword arguments.
+
+    Attributes:
+        ema: The EMA (an attached :class:`~triton_ema.EMAOptimizer`) once the
+            optimizer exists, else None.
+
+    Raises:
+        TypeError: ``model`` in ``ema_kwargs``.
     """
 
     def __init__(self, *args: Any, ema_momentum: float | Schedule | None = None, ema_kwargs: dict | None = None,
@@ -109,6 +143,7 @@ class EMATrainerMixin:
         self.callback_handler.callbacks.insert(0, BestEMA(self))
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """The Trainer's ``create_optimizer``, with the EMA attached to the optimizer it returns."""
         optimizer = super().create_optimizer(*args, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             # DeepSpeed takes the parameters over, FSDP2's prepare swaps them for their shards: the EMA is attached
@@ -123,6 +158,13 @@ class EMATrainerMixin:
         return optimizer
 
     def create_scheduler(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``create_scheduler``; under DeepSpeed or FSDP2, the EMA is attached here.
+
+        The Trainer calls it once ``accelerator.prepare`` has built the DeepSpeed
+        engine (the EMA: :func:`triton_ema.integrations.deepspeed.attach` to it)
+        or sharded the model (the EMA: :func:`~triton_ema.attach` to the
+        optimizer, which now holds the shards), before it loads a checkpoint.
+        """
         scheduler = super().create_scheduler(*args, **kwargs)
         wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
         if self.is_deepspeed_enabled and wrapped is not None:  # prepare has built the engine; no checkpoint loaded yet
@@ -138,12 +180,23 @@ class EMATrainerMixin:
         return scheduler
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``train``; under FSDP2 the EMA of ``resume_from_checkpoint`` is read from its ``ema/``.
+
+        Raises:
+            FileNotFoundError: Under FSDP2, a checkpoint to resume from without ``ema/``.
+        """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # as Trainer.train resolves it
         self._resume_from = resume_from_checkpoint or None  # under FSDP2 the EMA is read from there in on_train_begin
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The Trainer's ``evaluate``, on the EMA weights unless ``evaluate_on_ema=False``.
+
+        Raises:
+            RuntimeError: Called before ``train()`` built the optimizer (there is
+                no EMA yet) with ``evaluate_on_ema=True``.
+        """
         if not self.evaluate_on_ema:
             return super().evaluate(*args, **kwargs)
         if self.ema is None:
@@ -159,6 +212,17 @@ class EMATrainerMixin:
             self._on_ema = False
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's ``save_model``; with ``save_ema_model=True`` the user's call writes the EMA weights.
+
+        Args:
+            output_dir: As for ``Trainer.save_model``.
+            _internal_call: Set by the Trainer for its own checkpoints, which keep
+                the training weights.
+
+        Raises:
+            RuntimeError: ``save_ema_model=True`` before ``train()`` built the
+                optimizer (there is no EMA yet).
+        """
         if not self.save_ema_model or _internal_call:
             return super().save_model(output_dir, _internal_call)
         if self.ema is None:
@@ -213,4 +277,8 @@ class BestEMA(transformers.TrainerCallback):
 
 
 class EMATrainer(EMATrainerMixin, transformers.Trainer):
-    """``transformers.Trainer`` with the EMA of :class:`EMATrainerMixin`."""
+    """``transformers.Trainer`` with the EMA of :class:`EMATrainerMixin`.
+
+    Takes the ``Trainer``'s arguments and :class:`EMATrainerMixin`'s
+    (``ema_momentum``, ``ema_kwargs``, ``evaluate_on_ema``, ``save_ema_model``).
+    """
