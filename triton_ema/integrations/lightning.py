@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +34,9 @@ from ..hooks import attach
 from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
 from ..weights import load_ema_weights
+
+if TYPE_CHECKING:
+    from .deepspeed import DeepSpeedEMA
 
 __all__ = ["EMACallback"]
 
@@ -85,7 +88,7 @@ class EMACallback(pl.Callback):
         self.test_on_ema = test_on_ema
         self.ema_at_end = ema_at_end
         self.optimizer_index = optimizer_index
-        self.ema: EMAOptimizer | None = None
+        self.ema: EMAOptimizer | DeepSpeedEMA | None = None
         self._swapped = contextlib.ExitStack()
         self._on_ema: str | None = None  # "validate" or "test" while the EMA is in the model
         self._load_hook = None
@@ -128,7 +131,7 @@ class EMACallback(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.ema_at_end and isinstance(trainer.strategy, DeepSpeedStrategy):
-            self.ema.load_into_model()  # the masters and what the module computes with (a collective)
+            cast("DeepSpeedEMA", self.ema).load_into_model()  # the masters and what the module computes with
         elif self.ema_at_end:
             pl_module.load_state_dict(self.ema.ema_state_dict())
 
@@ -220,7 +223,7 @@ class EMACallback(pl.Callback):
             return
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             # The strategy loads no optimizer states to test or validate: this rank's EMA comes from its file.
-            self.ema.load_checkpoint_ema(trainer.ckpt_path)
+            cast("DeepSpeedEMA", self.ema).load_checkpoint_ema(trainer.ckpt_path)
             return
         states = checkpoint.get("optimizer_states") or [{}]
         saved = states[self.optimizer_index].get("ema") if self.optimizer_index < len(states) else None

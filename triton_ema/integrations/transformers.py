@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -46,17 +46,21 @@ from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
 from ..wrapped import unwrap_optimizer
 
+if TYPE_CHECKING:
+    from ..frontend import EMAFrontEnd
+    from .deepspeed import DeepSpeedEMA
+
 __all__ = ["EMATrainer", "EMATrainerMixin", "fsdp_ema_checkpoints"]
 
 EMA_FOLDER = "ema"  # under FSDP2: the EMA's DCP checkpoint inside a checkpoint folder
 
 
-def save_sharded_ema(ema: EMAOptimizer, folder: str) -> None:
+def save_sharded_ema(ema: EMAFrontEnd, folder: str) -> None:
     """Every rank's EMA shards into ``folder/ema`` (a collective: DCP)."""
     dcp.save({"ema": ema.ema_checkpoint}, checkpoint_id=os.path.join(folder, EMA_FOLDER))
 
 
-def load_sharded_ema(ema: EMAOptimizer, folder: str) -> bool:
+def load_sharded_ema(ema: EMAFrontEnd, folder: str) -> bool:
     """This rank's EMA shards from ``folder/ema`` (a collective); False where the folder has none."""
     path = os.path.join(folder, EMA_FOLDER)
     if not os.path.isdir(path):
@@ -135,7 +139,7 @@ class EMATrainerMixin:
             raise TypeError("EMATrainer takes no model= in ema_kwargs: the EMA is of the Trainer's model")
         self.ema_momentum, self.ema_kwargs = ema_momentum, ema_kwargs
         self.evaluate_on_ema, self.save_ema_model = evaluate_on_ema, save_ema_model
-        self.ema: EMAOptimizer | None = None
+        self.ema: EMAOptimizer | DeepSpeedEMA | None = None
         self._on_ema = False  # inside evaluate()'s swap
         self._resume_from: str | None = None  # the checkpoint train() resumes from
         super().__init__(*args, **kwargs)
@@ -187,7 +191,9 @@ class EMATrainerMixin:
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # as Trainer.train resolves it
-        self._resume_from = resume_from_checkpoint or None  # under FSDP2 the EMA is read from there in on_train_begin
+        # Under FSDP2 the EMA is read from there in on_train_begin.
+        resumed = resume_from_checkpoint
+        self._resume_from = os.fspath(resumed) if isinstance(resumed, (str, os.PathLike)) else None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
@@ -243,8 +249,8 @@ class BestEMA(transformers.TrainerCallback):
     # Under FSDP2: the EMA's shards beside each checkpoint, and back from the one resumed from.
     def on_train_begin(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
                        control: transformers.TrainerControl, **kwargs: Any) -> None:
-        resumed = self.trainer._resume_from
-        if self.trainer.is_fsdp_enabled and resumed and not load_sharded_ema(self.trainer.ema, resumed):
+        resumed, ema = self.trainer._resume_from, self.trainer.ema
+        if self.trainer.is_fsdp_enabled and ema is not None and resumed and not load_sharded_ema(ema, resumed):
             raise FileNotFoundError(f"resume_from_checkpoint={resumed}: under FSDP2 the EMA is saved in "
                                     f"{EMA_FOLDER}/ beside the optimizer, and this checkpoint has none (saved "
                                     "without EMATrainer?)")
