@@ -8,8 +8,8 @@ ZeRO-3 (a full fp32 copy of the model on every rank, built outside ZeRO, and
 ``step()`` gathering every parameter each step, which it does when
 transformers reports ZeRO-3). Per rank: the median wall time of a step (the
 difference to the run without it is the EMA's share, within the noise of a
-shared machine), the EMA's update alone (triton-ema: between the step hooks of
-its ``EMAOptimizer``, which run around the update; diffusers: its ``step()``), the bytes the EMA keeps, and the peak
+shared machine), the EMA's update alone (triton-ema: the core's ``after_step``, which
+the adaptor calls once every master has stepped; diffusers: its ``step()``), the bytes the EMA keeps, and the peak
 resident memory of the process.
 """
 
