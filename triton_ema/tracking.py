@@ -22,8 +22,7 @@ class Tracking:
         self.model = model
         self.buffer_slots: list[tuple[nn.Module, str, str]] = []  # (module, attribute, name)
         if update_buffers:
-            if model is None:  # EMA's argument check refuses it first
-                raise ValueError("update_buffers=True needs model= (the module whose buffers to average)")
+            assert model is not None, "update_buffers without model= is refused by the argument check"
             self.buffer_slots = find_buffers(model)
         self.objects: list[Tensor] = []
         self.num_params = 0

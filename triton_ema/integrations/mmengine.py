@@ -138,8 +138,7 @@ class TritonEMAHook(Hook):
         if self.begin_epoch > runner.max_epochs or self.begin_iter > runner.max_iters:
             raise ValueError(f"TritonEMAHook: begin_epoch={self.begin_epoch} / begin_iter={self.begin_iter} lies "
                              f"beyond the run (max_epochs={runner.max_epochs}, max_iters={runner.max_iters})")
-        if self.ema is None:  # before_run attaches it to the optim wrapper that training builds first
-            raise RuntimeError("TritonEMAHook: the runner has no optim wrapper at before_train, so no EMA is attached")
+        assert self.ema is not None, "training builds the optim wrapper before before_run, which attaches the EMA"
         if not self._resumed:  # the weights were initialised or loaded after the EMA was attached
             self.ema.core.restart()
 
