@@ -3,6 +3,7 @@
 import os
 import pickle
 import tempfile
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -399,6 +400,9 @@ ERRORS = [
      "momentum schedule <lambda> cannot run on the device \\(capturable=True\\): it has no on_device\\(t\\)"),
     # EMA profiles
     ("empty profiles", construct(momentum={}), ValueError, "the dict of EMA profiles is empty"),
+    ("empty profiles, a Mapping", construct(momentum=MappingProxyType({})), ValueError, "the dict of EMA profiles is empty"),
+    ("bad profile decay, a Mapping", construct(momentum=None, decay=MappingProxyType({"a": 1.5})), ValueError,
+     "EMA profile 'a': decay must lie in \\[0, 1\\), got 1.5"),
     ("profile name not a string", construct(momentum={1: 0.1}), TypeError, "profile names must be non-empty strings, got 1"),
     ("bad profile momentum", construct(momentum={"a": 0.1, "b": 1.5}), ValueError,
      "EMA profile 'b': momentum must lie in \\(0, 1\\], got 1.5"),

@@ -1,6 +1,8 @@
 """Several EMA profiles updated in one step: each against its own float64 reference, swaps,
 state dicts and checkpoints per profile, and post-hoc synthesis from two profiles."""
 
+from types import MappingProxyType
+
 import pytest
 import torch
 from conftest import DEVICE, assert_ulps
@@ -113,6 +115,20 @@ def test_decay_dict_is_one_minus_momentum(backend):
     for name in "ab":
         a, b = by_decay.ema_state_dict(name), by_momentum.ema_state_dict(name)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_mapping_that_is_no_dict_gives_the_same_profiles(backend):
+    model, from_dict = wrapper(backend)
+    model2, from_mapping = wrapper(backend, momentum=MappingProxyType(PROFILES))
+    model3, from_decay = wrapper(backend, momentum=None, decay=MappingProxyType({"a": 0.75, "b": 0.5}))
+    assert list(from_mapping.schedules) == list(PROFILES) and list(from_decay.schedules) == ["a", "b"]
+    for batch in batches(3, device=DEVICE):
+        for m, opt in ((model, from_dict), (model2, from_mapping), (model3, from_decay)):
+            train_step(m, opt, batch)
+    for name in PROFILES:
+        a, b = from_dict.ema_state_dict(name), from_mapping.ema_state_dict(name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(from_mapping.state_dict()["ema"]["profiles"]) == set(PROFILES)
 
 
 def test_skip_nonfinite_skips_every_profile(backend):

@@ -47,7 +47,7 @@ def check_arguments(param_groups: list[dict], momentum: Any, decay: Any, interva
 
 def check_params(params: list[Tensor], names: list[str]) -> None:
     """Every averaged parameter is floating point and listed once."""
-    seen = {}
+    seen: dict[int, str] = {}  # id(param) -> its name
     for p, name in zip(params, names):
         if not p.is_floating_point():
             raise TypeError(f"{name} has dtype {p.dtype}; only floating-point parameters can be averaged")

@@ -73,6 +73,7 @@ class Backend(abc.ABC):
         stash, only the elements the block wrote (an element left alone keeps its
         wider shadow value). Other profiles are untouched."""
         if bucket.exchanged:
+            assert bucket.swapped is not None, "swap_in sets the swapped profile with exchanged"
             self.exchange(bucket, bucket.swapped)
             bucket.exchanged = False
         elif bucket.stash is not None:

@@ -164,7 +164,8 @@ def build_buckets(
 
     Returns the buckets and, for every tensor in order, its (bucket, slot).
     """
-    buckets, where = [], [(0, 0)] * len(tensors)
+    buckets: list[Bucket] = []
+    where = [(0, 0)] * len(tensors)
     for (_, _, sdtype, sdevice), members in _group(tensors, shadow_dtype, device).items():
         offsets, total = [], 0
         for i in members:

@@ -4,6 +4,7 @@ every check a load makes before anything changes."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from numbers import Integral
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -32,7 +33,7 @@ def ema_state(ema: EMA) -> dict[str, Any]:
     the bare model are alike (``torch.distributed.checkpoint`` matches the keys it loads)."""
     ema.adopt_new_params()
     n = ema.num_params
-    state = {"step": ema.num_steps, "interval": ema.interval, "skipped_updates": ema.store.skipped()}
+    state: dict[str, Any] = {"step": ema.num_steps, "interval": ema.interval, "skipped_updates": ema.store.skipped()}
     if None in ema.schedules:
         state.update(profile_state(ema, 0))
     else:
@@ -44,7 +45,7 @@ def ema_state(ema: EMA) -> dict[str, Any]:
     return state
 
 
-def profile_state(ema: EMA, profile: int) -> dict[str, dict]:
+def profile_state(ema: EMA, profile: int) -> dict[str, dict[Any, Tensor]]:
     """One profile's shadows: ``shadow`` keyed like the optimizer's state, ``buffers`` by name."""
     n, store, objects = ema.num_params, ema.store, ema.tracking.objects
     # Inside swap_ema() the EMA sits in the model until the block ends: copies, so the dict keeps it.
@@ -93,9 +94,9 @@ def check_ema(core: EMA, ema: Any, match_names: bool = True) -> Checked:
     else:
         profiles = ema["profiles"]
         if not isinstance(profiles, dict) or set(profiles) != set(core.schedules):
-            saved = sorted(profiles) if isinstance(profiles, dict) else type(profiles).__name__
-            raise ValueError(f"state_dict['ema']['profiles'] holds {saved}; this EMA has profiles "
-                             f"{sorted(core.schedules)}")
+            held = sorted(profiles) if isinstance(profiles, dict) else type(profiles).__name__
+            raise ValueError(f"state_dict['ema']['profiles'] holds {held}; this EMA has profiles "
+                             f"{sorted(map(str, core.schedules))}")
         values = [_check_profile(core, profiles[name], k, f"state_dict['ema']['profiles'][{name!r}]", match_names)
                   for k, name in enumerate(core.schedules)]
     return Checked(int(ema["step"]), int(ema.get("skipped_updates", 0)), values, run)
@@ -105,9 +106,10 @@ def _check_profile(core: EMA, entry: Any, profile: int, where: str, match_names:
     if not isinstance(entry, dict) or not {"shadow", "buffers"} <= entry.keys():
         raise ValueError(f"{where} must be a dict with 'shadow' and 'buffers'")
     n, store, objects = core.num_params, core.store, core.tracking.objects
-    saved = [("shadow", entry["shadow"], list(range(n))),
-             ("buffers", entry["buffers"], core.tracking.buffer_names)]
-    values = []
+    # (key, the saved entries, the keys expected: parameter indices for shadow, buffer names for buffers)
+    saved: list[tuple[str, Any, list[Any]]] = [("shadow", entry["shadow"], list(range(n))),
+                                               ("buffers", entry["buffers"], core.tracking.buffer_names)]
+    values: list[Tensor] = []
     for key, entries, expected in saved:
         if not isinstance(entries, dict):
             raise TypeError(f"{where}['{key}'] must be a dict, got {type(entries).__name__}")
@@ -183,13 +185,13 @@ def averaged_keys(ema: EMA, entries: dict[str, Any]) -> dict[str, int]:
     if not unmatched:
         return out
     for key, value in entries.items():
-        i = unmatched.get(unwrapped(key)) if key not in out and isinstance(key, str) else None
-        if i is not None and isinstance(value, Tensor) and value.shape == objects[i].shape:
-            out[key] = i
+        match = unmatched.get(unwrapped(key)) if key not in out and isinstance(key, str) else None
+        if match is not None and isinstance(value, Tensor) and value.shape == objects[match].shape:
+            out[key] = match
     return out
 
 
-def model_keyed(ema: EMA, name: str | None, what: str):
+def model_keyed(ema: EMA, name: str | None, what: str) -> Iterator[tuple[str, Any, Tensor | None]]:
     """(key, the model's value, profile ``name``'s EMA of it as stored or None) for ``model.state_dict()``."""
     profile = ema.profile(name)
     if ema.model is None:

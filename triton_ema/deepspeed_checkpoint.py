@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +51,7 @@ def assemble(layout: dict[str, Any], partitions: Sequence[Sequence[Tensor]]) -> 
         raise ValueError(f"unknown DeepSpeed EMA layout kind {kind!r}; expected one of {KINDS}")
     if len(partitions) != world:
         raise ValueError(f"the layout is of {world} ranks, got the partitions of {len(partitions)}")
-    out = {}
+    out: dict[str, Tensor] = {}
     for name, shape, master, offset in zip(layout["names"], layout["shapes"], layout["masters"], layout["offsets"]):
         numel = math.prod(shape)
         if kind == "whole":
@@ -100,11 +100,11 @@ def read_deepspeed_ema(folder: str | os.PathLike, *, tag: str | None = None, pro
     files = optim_files(folder, tag)
     entries = [_ema_entry(path, trusted) for path in files]
     layout = entries[0][1]
-    ranks = [e[1].get("rank") for e in entries]
+    ranks: list[Any] = [e[1].get("rank") for e in entries]  # as the files say: checked to be 0, 1, ... next
     if len(entries) != int(layout["world_size"]) or sorted(ranks) != list(range(len(entries))):
         raise ValueError(f"{os.fspath(folder)!r} holds the EMA of ranks {ranks}; the layout is of "
                          f"{layout['world_size']} ranks (a file is missing or of another run)")
-    shadows = [None] * len(entries)
+    shadows: list[list[Tensor]] = [[] for _ in entries]  # by rank: each filled once, the ranks being 0, 1, ...
     for (ema, entry_layout), rank in zip(entries, ranks):
         if {k: v for k, v in entry_layout.items() if k != "rank"} != {k: v for k, v in layout.items() if k != "rank"}:
             raise ValueError(f"rank {rank}'s EMA layout differs from rank {ranks[0]}'s: the files are of different runs")
@@ -182,7 +182,8 @@ _DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
 def _load(path: str, trusted: bool) -> Any:
     if trusted:
         return torch.load(path, map_location="cpu", weights_only=False)
-    placeholders = [(type(name.rsplit(".", 1)[1], (_Placeholder,), {}), name) for name in _DEEPSPEED_GLOBALS]
+    placeholders: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        (type(name.rsplit(".", 1)[1], (_Placeholder,), {}), name) for name in _DEEPSPEED_GLOBALS]
     try:
         with torch.serialization.safe_globals(placeholders):
             return torch.load(path, map_location="cpu", weights_only=True)

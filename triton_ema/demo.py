@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -134,7 +135,8 @@ def build(args: argparse.Namespace, data: Data) -> tuple[nn.Module, EMAOptimizer
         profiles = {f"{s:g}": schedules.PowerFunction(sigma_rel=s) for s in args.profiles}
         return model, EMAOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), momentum=profiles,
                                    model=model, update_buffers=True)
-    schedule = schedules.Cosine(args.momentum, args.end_momentum, total_steps=args.schedule_epochs * batches)
+    schedule: schedules.Schedule = schedules.Cosine(args.momentum, args.end_momentum,
+                                                    total_steps=args.schedule_epochs * batches)
     if args.warm_up == "power":
         schedule = schedules.Max(schedule, schedules.Power(decay=1 - args.end_momentum, power=1.0))
     opt = EMAOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), momentum=schedule, model=model,
@@ -143,7 +145,7 @@ def build(args: argparse.Namespace, data: Data) -> tuple[nn.Module, EMAOptimizer
 
 
 def train_epoch(model: nn.Module, opt: EMAOptimizer, data: Data, args: argparse.Namespace,
-                shuffle: torch.Generator, after_step=None) -> None:
+                shuffle: torch.Generator, after_step: Callable[[], object] | None = None) -> None:
     """One pass over the shuffled training split (at most ``--max-batches`` batches);
     ``after_step()`` after every step."""
     order = torch.randperm(len(data.y_train), generator=shuffle).to(args.device)
@@ -194,17 +196,16 @@ def run(argv: list[str] | None = None) -> dict:
         args.lr = opt.param_groups[0]["lr"]  # what the optimizer really steps with
         print(f"resumed from {ckpt_path} after epoch {start} of {args.epochs}, with its settings: "
               f"{options(args, [name for name in applying(args.posthoc) if name != 'posthoc' or args.posthoc])}")
+    snapshots = None
     if args.posthoc:
         from . import demo_posthoc
 
-        after_step = demo_posthoc.Snapshots(opt, args.out, args.snapshot_every, fresh=not args.resume)
-    else:
-        after_step = None
+        snapshots = demo_posthoc.Snapshots(opt, args.out, args.snapshot_every, fresh=not args.resume)
 
     stop = args.epochs if args.stop_after is None else min(args.stop_after, args.epochs)
     bar = tqdm(total=stop - start, desc="epochs", unit="epoch", disable=args.quiet)
     for epoch in range(start, stop):
-        train_epoch(model, opt, data, args, shuffle, after_step)
+        train_epoch(model, opt, data, args, shuffle, snapshots)
         row = {"epoch": epoch + 1, **scores(model, opt, data)}
         if not args.posthoc:
             row["momentum"] = opt.schedule(opt.num_steps - 1)
@@ -215,8 +216,8 @@ def run(argv: list[str] | None = None) -> dict:
         bar.set_postfix({k.removesuffix("_acc"): f"{v:.1f}" for k, v in row.items() if k.endswith("_acc")})
         bar.update()
     bar.close()
-    if args.posthoc:
-        return demo_posthoc.finish(args, model, opt, data, history, after_step)
+    if snapshots is not None:  # --posthoc
+        return demo_posthoc.finish(args, model, opt, data, history, snapshots)
 
     plot_path = args.out / PLOT
     plot(history, plot_path)

@@ -21,7 +21,7 @@ modules, checkpoints and migration (:mod:`.swap`, :mod:`.module`,
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -60,9 +60,9 @@ class EMA:
     def __init__(
         self,
         param_groups: Any,
-        momentum: float | Schedule | dict[str, float | Schedule] | None = None,
+        momentum: float | Schedule | Mapping[str, float | Schedule] | None = None,
         *,
-        decay: float | dict[str, float] | None = None,
+        decay: float | Mapping[str, float] | None = None,
         interval: int = 1,
         model: nn.Module | None = None,
         update_buffers: bool = False,

@@ -10,6 +10,7 @@ torch's optimizer hooks, which drive the same core
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -71,7 +72,8 @@ class AttachHooks:
             self.core.load(*loading)
 
 
-def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | None = None, **kwargs: Any) -> EMAOptimizer:
+def attach(optimizer: torch.optim.Optimizer, momentum: float | Schedule | Mapping[str, float | Schedule] | None = None,
+           **kwargs: Any) -> EMAOptimizer:
     """Keep the EMA of an optimizer that something else built and holds, without replacing it.
 
     Hooks on ``optimizer`` run the EMA update inside its own ``step()`` (a step

@@ -137,7 +137,8 @@ def checked_values(ema: EMA, state_dict: Mapping[str, Tensor]) -> list[Tensor]:
             raise ValueError(f"the EMA of {name} has dtype {value.dtype}; expected the model's {target.dtype} "
                              f"or the shadow's {shadow.dtype}")
         values[i] = value
-    absent = [ema.names[i] for i, v in enumerate(values) if v is None]
-    if absent:
+    present = [v for v in values if v is not None]
+    if len(present) < len(values):
+        absent = [ema.names[i] for i, v in enumerate(values) if v is None]
         raise ValueError(f"{absent[0]} is averaged but not in model.state_dict(): its EMA cannot be named")
-    return [local_value(v, t) for v, t in zip(values, objects)]  # type: ignore[arg-type]  # none absent: checked above
+    return [local_value(v, t) for v, t in zip(present, objects)]

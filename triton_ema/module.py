@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 def ema_module(ema: EMA, profile: int) -> nn.Module:
     """Profile ``profile``'s EMA module: the one ``ema`` keeps if it is alive, else a new one."""
-    if ema.model is None:
+    model = ema.model
+    if model is None:
         raise RuntimeError("ema_module() needs the model: pass model= to EMAOptimizer")
     ema.refuse_while_swapped("ema_module()")
     link = ema.module_links.get(profile)
@@ -47,13 +48,13 @@ def ema_module(ema: EMA, profile: int) -> nn.Module:
     if module is None:
         with torch.no_grad():
             ema.sync()
-        module, ema.module_links[profile] = new_ema_module(ema, profile)
+        module, ema.module_links[profile] = new_ema_module(ema, model, profile)
     return module
 
 
-def new_ema_module(ema: EMA, profile: int) -> tuple[nn.Module, EMAModuleLink]:
-    """A module with the model's structure on profile ``profile``'s shadows, and what keeps it there."""
-    model, store = ema.model, ema.store
+def new_ema_module(ema: EMA, model: nn.Module, profile: int) -> tuple[nn.Module, EMAModuleLink]:
+    """A module with the structure of ``model`` (``ema``'s) on profile ``profile``'s shadows, and what keeps it there."""
+    store = ema.store
     if any(is_dtensor(t) for t in ema.tracking.objects):
         raise NotImplementedError(
             "ema_module() is not available for sharded (DTensor, FSDP2) parameters: a forward needs FSDP's "
@@ -70,18 +71,18 @@ def new_ema_module(ema: EMA, profile: int) -> tuple[nn.Module, EMAModuleLink]:
             i = index.get(id(b))
             memo[id(b)] = _placed(store, b, copy=True) if i is None else store.ema(i, profile)
         module = copy.deepcopy(model, memo)
-    return module, EMAModuleLink(ema, profile, module)
+    return module, EMAModuleLink(ema, profile, module, model)
 
 
 class EMAModuleLink:
     """Keeps one EMA module on the storage of one profile: its averaged tensors
     re-aliased when the shadows are laid out anew, the rest refreshed from the model."""
 
-    def __init__(self, ema: EMA, profile: int, module: nn.Module) -> None:
+    def __init__(self, ema: EMA, profile: int, module: nn.Module, model: nn.Module) -> None:
         self.ema, self.profile = ema, profile
         # (EMA module's submodule, "_parameters" or "_buffers", attribute, the model's submodule)
         self.slots = [(target, kind, attr, source)
-                      for (_, source), (_, target) in zip(ema.model.named_modules(), module.named_modules())
+                      for (_, source), (_, target) in zip(model.named_modules(), module.named_modules())
                       for kind in ("_parameters", "_buffers")
                       for attr, value in getattr(source, kind).items() if value is not None]
         self._sort()
@@ -196,6 +197,8 @@ def _same_place(a: Tensor, b: Tensor) -> bool:
 
 def _rebind(target: nn.Module, kind: str, attr: str, ema: Tensor) -> None:
     if kind == "_parameters":
-        target._parameters[attr].data = ema
+        param = target._parameters[attr]
+        assert param is not None, "a slot is a tensor: its caller has read it"
+        param.data = ema
     else:
         target._buffers[attr] = ema

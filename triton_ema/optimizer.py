@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any, Protocol
 
@@ -58,11 +58,11 @@ class EMAOptimizer(EMAFrontEnd, torch.optim.Optimizer):
         momentum: The weight of the new parameters in each update: a float in
             ``(0, 1]``, a schedule (a callable ``t -> momentum``, see
             :mod:`triton_ema.schedules`), or a dict ``{name: float or schedule}``
-            of several EMA profiles updated in the same step. A constant above
+            (any ``Mapping``) of several EMA profiles updated in the same step. A constant above
             0.5 warns (it is nearly always a decay given as a momentum). Give
             exactly one of ``momentum`` and ``decay``.
         decay: The alternative to ``momentum``: ``momentum = 1 - decay``, a float
-            in ``[0, 1)`` or a dict of them.
+            in ``[0, 1)`` or a dict (any ``Mapping``) of them.
         interval: Update the EMA every ``interval`` optimizer steps, at
             ``t = 0, interval, 2 * interval, ...``. The momentum is applied as
             given at each update (not raised to the power ``interval``).
@@ -126,9 +126,9 @@ class EMAOptimizer(EMAFrontEnd, torch.optim.Optimizer):
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        momentum: float | Schedule | dict[str, float | Schedule] | None = None,
+        momentum: float | Schedule | Mapping[str, float | Schedule] | None = None,
         *,
-        decay: float | dict[str, float] | None = None,
+        decay: float | Mapping[str, float] | None = None,
         interval: int = 1,
         model: nn.Module | None = None,
         update_buffers: bool = False,
@@ -200,12 +200,12 @@ class EMAOptimizer(EMAFrontEnd, torch.optim.Optimizer):
 
     def _init_hooks(self) -> None:
         # Optimizer.__init__ is not called (it would rebuild param_groups); set up its hooks.
-        self._optimizer_step_pre_hooks: dict = OrderedDict()
-        self._optimizer_step_post_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
     # --- optimizer interface ----------------------------------------------
 
@@ -228,7 +228,8 @@ class EMAOptimizer(EMAFrontEnd, torch.optim.Optimizer):
             ValueError: The schedule gave a momentum outside ``[0, 1]`` or NaN
                 (naming the step and the value); nothing has changed then.
         """
-        args, kwargs = (() if closure is None else (closure,)), {}
+        args: tuple[Any, ...] = () if closure is None else (closure,)
+        kwargs: dict[str, Any] = {}
         # torch wraps optimizer steps to do this; here a profiler range is opened only while
         # one records: the wrapped optimizer's step, wrapped itself, runs the global hooks.
         with record_function("Optimizer.step#EMAOptimizer.step") if profiler_enabled() else nullcontext():

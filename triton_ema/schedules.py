@@ -14,7 +14,7 @@ the schedule at every replay (see :func:`device_schedule`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -439,7 +439,8 @@ class PowerFunction(Formula):
             object.__setattr__(self, "sigma_rel", sigma_rel)
             object.__setattr__(self, "gamma", gamma_of(sigma_rel))
             return
-        gamma = float(self.gamma)  # type: ignore[arg-type]  # not None: sigma_rel is, and exactly one is given
+        assert self.gamma is not None  # sigma_rel is None, and exactly one of the two is given
+        gamma = float(self.gamma)
         if not 0.0 < gamma < math.inf:
             raise ValueError(f"gamma must be a positive finite number, got {self.gamma}")
         object.__setattr__(self, "gamma", gamma)
@@ -484,8 +485,9 @@ def profile_schedules(momentum: Any, decay: Any) -> dict[str | None, Schedule]:
     """The EMA profiles for the ``momentum=`` / ``decay=`` arguments.
 
     Args:
-        momentum: A float, a schedule or a dict ``{name: float or schedule}``, or None.
-        decay: A float or a dict ``{name: float}``, or None.
+        momentum: A float, a schedule or a dict ``{name: float or schedule}`` (any
+            ``Mapping``), or None.
+        decay: A float or a dict ``{name: float}`` (any ``Mapping``), or None.
 
     Returns:
         A dict of named schedules, or ``{None: schedule}`` for a single float or schedule.
@@ -496,7 +498,7 @@ def profile_schedules(momentum: Any, decay: Any) -> dict[str | None, Schedule]:
         ValueError: An empty dict, both or neither given, a value out of range.
     """
     given = momentum if decay is None else decay
-    if not isinstance(given, dict):
+    if not isinstance(given, Mapping):
         return {None: as_schedule(momentum, decay)}
     if momentum is not None and decay is not None:
         raise ValueError("give either momentum or decay (momentum = 1 - decay), not both")

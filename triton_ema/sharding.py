@@ -9,17 +9,21 @@ checkpoints that ``torch.distributed.checkpoint`` can reshard.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any, TypeGuard
 
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
-def _dtensor_type():
+def _dtensor_type() -> Any:
     """DTensor, if anything imported it (no DTensor can exist otherwise): importing it takes half a second."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
 
 
-def is_dtensor(t: object) -> bool:
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(t, dtensor)
 
@@ -57,7 +61,7 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
-def reshard(module: object) -> None:
+def reshard(module: nn.Module | None) -> None:
     """Free the gathered parameters of every FSDP2 module in ``module`` (FSDP2 keeps the root's
     gathered after a forward): its parameters are the shards again, and the next forward gathers them."""
     fsdp = sys.modules.get("torch.distributed.fsdp")

@@ -208,6 +208,7 @@ class ShadowStore:
         the model. Afterwards the store tracks ``current`` (the next
         :meth:`refresh` lays the buckets out anew for the moved ones)."""
         held, self.held = self.held, None
+        assert held is not None, "swap_out() follows swap_in(), which holds the swapped storage"
         moved = {i: h for i, (t, h) in enumerate(zip(current, held)) if not _same_layout(t, h)}
         self._retrack([moved.get(i, t) for i, t in enumerate(current)])
         self.refresh()

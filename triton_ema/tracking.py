@@ -20,7 +20,10 @@ class Tracking:
 
     def __init__(self, model: nn.Module | None, update_buffers: bool) -> None:
         self.model = model
-        self.buffer_slots = find_buffers(model) if update_buffers else []  # (module, attribute, name)
+        self.buffer_slots: list[tuple[nn.Module, str, str]] = []  # (module, attribute, name)
+        if update_buffers:
+            assert model is not None, "update_buffers without model= is refused by the argument check"
+            self.buffer_slots = find_buffers(model)
         self.objects: list[Tensor] = []
         self.num_params = 0
         self.shards: list[int] = []  # DTensor params: FSDP2 may put another local shard object in place
@@ -65,8 +68,9 @@ class Tracking:
         self._take_buffers(strict=True)
         objects, tracked = self.objects, store.tensors
         for i in self.shards:
-            if objects[i]._local_tensor is not tracked[i]:
-                store.replace(i, objects[i]._local_tensor)
+            shard = local(objects[i])
+            if shard is not tracked[i]:
+                store.replace(i, shard)
         for i in range(self.num_params, len(objects)):
             if objects[i] is not tracked[i]:
                 store.replace(i, local(objects[i]))

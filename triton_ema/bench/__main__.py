@@ -14,6 +14,7 @@ import gc
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,7 +92,7 @@ def target_batches(available, args) -> list[list[tuple]]:
     with --tiny, those of the GPU's targets on the tiny workloads (the GPU run's machinery, anywhere)."""
     named = {p.name: p for p in available}
     device = "cuda" if args.tiny else args.device.type
-    wanted = {}
+    wanted: dict[tuple[str, str, str, str], None] = {}  # the rows in order, each once
     for provider, job, workload, dtype in (row for t in TARGETS if t.device == device for row in t.needs()):
         w = ("tiny-gpt2" if workload == "gpt2-small" else "tiny-many") if args.tiny else workload
         if job in args.jobs and job != "train" and provider in named and job in named[provider].jobs:
@@ -230,7 +231,7 @@ def main(argv=None) -> dict:
             env["absent"].update(absent)
     add_ratios(rows, env["copy_gbps"])
 
-    result = {"environment": env, "rows": rows, "targets": check(rows)}
+    result: dict[str, Any] = {"environment": env, "rows": rows, "targets": check(rows)}
     json_path, png_path = args.out / "bench.json", args.out / "bench.png"
     json_path.write_text(json.dumps(result, indent=1))
     plot(rows, env, png_path)

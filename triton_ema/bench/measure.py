@@ -112,7 +112,7 @@ def interleaved(fns: list[Callable[[], object]], reps: int, measure, warm: bool 
     """Seconds per call of each of ``fns``, timed in turn, one call each per round (after a
     warm-up call each, ``warm``): a machine whose speed drifts (other processes, clocks) slows
     them all alike."""
-    out = [[] for _ in fns]
+    out: list[list[float]] = [[] for _ in fns]
     if warm:
         for fn in fns:
             fn()

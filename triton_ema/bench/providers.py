@@ -27,13 +27,13 @@ MOMENTUM = 1e-3  # decay 0.999: the value does not change the cost
 SIGMA_RELS = (0.05, 0.10, 0.15, 0.20)
 # Benchmark dtypes: fp32 params and shadows; bf16 params with fp32 shadows.
 DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.float32)}
-Job = Callable[[], None]
+Job = Callable[[], object]  # what it returns is not used
 
 
 @dataclass(frozen=True)
 class Provider:
     name: str
-    jobs: dict[str, Callable[[list[Tensor], torch.dtype], Job]]
+    jobs: dict[str, Callable[[list[nn.Parameter], torch.dtype], Job]]  # (fresh params, shadow dtype) -> the job
     absent: str | None = None  # why it cannot run here
     own_shadow_dtype: bool = True  # False: keeps shadows in the params' dtype (a deep copy), whatever is asked
 

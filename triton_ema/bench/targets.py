@@ -58,12 +58,12 @@ class Target:
     def value(self, rows: list[dict]) -> float | None:
         """The measured figure, or None when a row it needs is missing."""
         ours, peer = _row(rows, self.provider, self), _row(rows, self.peer, self)
-        if ours is None or (self.measure == "speedup" and peer is None):
+        if ours is None:
             return None
         if self.measure == "copy_fraction":
             return ours["copy_fraction"]
         if self.measure == "speedup":
-            return peer["median_ms"] / ours["median_ms"]
+            return None if peer is None else peer["median_ms"] / ours["median_ms"]
         if self.measure == "ema_share":
             return ours["ema_share"]
         if self.measure == "over_kernel":

@@ -102,6 +102,8 @@ def timm_ema_v3() -> type | str:
     if not path.is_file():
         return f"timm has no {path.name}"
     module_spec = importlib.util.spec_from_file_location("_timm_model_ema", path)
+    if module_spec is None or module_spec.loader is None:
+        return f"timm's {path.name} cannot be loaded as a module"
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.ModelEmaV3

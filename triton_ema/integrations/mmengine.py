@@ -105,6 +105,7 @@ class TritonEMAHook(Hook):
     def _schedule(self, runner) -> Schedule:
         """The momentum at optimizer step t: mmengine copies the weights up to its first update and counts
         its steps from there."""
+        schedule: Schedule
         if self.ema_type == "ExponentialMovingAverage":
             schedule = Constant(self.momentum)
         elif self.ema_type == "MomentumAnnealingEMA":
@@ -137,6 +138,7 @@ class TritonEMAHook(Hook):
         if self.begin_epoch > runner.max_epochs or self.begin_iter > runner.max_iters:
             raise ValueError(f"TritonEMAHook: begin_epoch={self.begin_epoch} / begin_iter={self.begin_iter} lies "
                              f"beyond the run (max_epochs={runner.max_epochs}, max_iters={runner.max_iters})")
+        assert self.ema is not None, "training builds the optim wrapper before before_run, which attaches the EMA"
         if not self._resumed:  # the weights were initialised or loaded after the EMA was attached
             self.ema.core.restart()
 
@@ -181,9 +183,9 @@ class TritonEMAHook(Hook):
         self._resumed = True
         optimizer = checkpoint.get("optimizer")
         if optimizer is not None and "ema" not in optimizer and ema_state is not None:
-            optimizer["ema"] = self._from_ema_hook(ema_state, checkpoint)  # saved by mmengine's own EMAHook
+            optimizer["ema"] = self._from_ema_hook(self.ema, ema_state, checkpoint)  # saved by mmengine's own EMAHook
 
-    def _from_ema_hook(self, ema_state: dict, checkpoint: dict) -> dict:
+    def _from_ema_hook(self, ema: EMAOptimizer, ema_state: dict, checkpoint: dict) -> dict:
         """The ``"ema"`` entry of the optimizer's state dict, from an ``EMAHook`` checkpoint's EMA weights."""
         keys = {f"module.{k}" for k in checkpoint["state_dict"]} | {"steps"}
         missing = sorted(keys - ema_state.keys())
@@ -193,8 +195,8 @@ class TritonEMAHook(Hook):
             if self.strict_load:
                 raise KeyError(message)
             print_log(message + "; the EMA of what is missing starts from the checkpoint's weights", "current")
-        entry = self.ema.ema_checkpoint.state_dict()  # this EMA's layout, dtypes and current values
-        names = self.ema.core.param_names()
+        entry = ema.ema_checkpoint.state_dict()  # this EMA's layout, dtypes and current values
+        names = ema.core.param_names()
         for key in ("shadow", "buffers"):
             for slot, current in entry[key].items():
                 name = names[slot] if key == "shadow" else slot
