@@ -12,6 +12,7 @@ holds (``DICT_FORMS``), folders by what they contain (``FOLDER_FORMS``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -234,7 +235,7 @@ def _read_dcp(path: Path, *, profile: str | None, model: nn.Module | None, weigh
         paths = [p for p in folder.paths if p[0] == key]
         if all(len(p) == 2 and folder.is_tensor[folder.paths[p]] for p in paths):
             models.append(Candidate(frozenset(unwrapped(p[1]) for p in paths),
-                                    lambda paths=paths: {p[1]: v for p, v in folder.read(paths).items()}))
+                                    functools.partial(_model_entries, folder, paths)))
     found = Found(_checked_entry(entry, f"{path} ({'.'.join(prefix) or 'top level'})"), None, str(path), tuple(models),
                   complete=top is not None and top.startswith("optimizer_"))
     return keyed_weights(found, profile, model)
@@ -282,9 +283,14 @@ def _model_files(path: Path, weights_only: bool):
             yield _file_candidate([file], weights_only)
 
 
+def _model_entries(folder: DCPFolder, paths: list[tuple[str, ...]]) -> dict[str, Tensor]:
+    """One model's weights in a DCP folder, keyed by their names in it."""
+    return {p[1]: v for p, v in folder.read(paths).items()}
+
+
 def _file_candidate(files: list[Path], weights_only: bool) -> Candidate:
     def load() -> dict[str, Tensor]:
-        out = {}
+        out: dict[str, Tensor] = {}
         for f in files:
             out.update(load_safetensors(f) if f.suffix == ".safetensors" else load_torch_file(f, weights_only))
         return out

@@ -29,6 +29,7 @@ import inspect
 import math
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import deepspeed
@@ -53,7 +54,7 @@ __all__ = ["attach", "attached", "DeepSpeedEMA"]
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its DeepSpeedEMA
 
 
-def attach(engine: Any, momentum: float | Schedule | dict | None = None, **kwargs: Any) -> DeepSpeedEMA:
+def attach(engine: Any, momentum: float | Schedule | Mapping[str, float | Schedule] | None = None, **kwargs: Any) -> DeepSpeedEMA:
     """Keep an EMA of the fp32 master weights of ``engine`` (from ``deepspeed.initialize``).
 
     Takes :class:`~triton_ema.EMAOptimizer`'s arguments (``momentum`` or

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -78,7 +79,7 @@ class EMACallback(pl.Callback):
             checkpoints would not carry the EMA (when ``fit`` starts).
     """
 
-    def __init__(self, momentum: float | Schedule | None = None, *, validate_on_ema: bool = True,
+    def __init__(self, momentum: float | Schedule | Mapping[str, float | Schedule] | None = None, *, validate_on_ema: bool = True,
                  test_on_ema: bool = True, ema_at_end: bool = False, optimizer_index: int = 0, **ema_kwargs: Any) -> None:
         if "model" in ema_kwargs:
             raise TypeError("EMACallback takes no model=: the EMA is of the LightningModule being fitted")
@@ -133,6 +134,7 @@ class EMACallback(pl.Callback):
         if self.ema_at_end and isinstance(trainer.strategy, DeepSpeedStrategy):
             cast("DeepSpeedEMA", self.ema).load_into_model()  # the masters and what the module computes with
         elif self.ema_at_end:
+            assert self.ema is not None  # attached when fit started
             pl_module.load_state_dict(self.ema.ema_state_dict())
 
     # The swap lasts from the epoch's start to the callback's on_{validation,test}_end: Lightning calls the
@@ -208,6 +210,7 @@ class EMACallback(pl.Callback):
         key = f"optimizer_{self.optimizer_index}"
         if not any(k.startswith(f"{key}.ema.") for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata):
             return None
+        assert self.ema is not None  # the load hook that calls this is the attached EMA's
         saved = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, self.ema.ema_checkpoint.state_dict())
         dcp.load({key: {"ema": saved}}, checkpoint_id=path)
         return saved

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,8 +48,12 @@ from ..schedules import Schedule
 from ..wrapped import unwrap_optimizer
 
 if TYPE_CHECKING:
+    from transformers import Trainer as _Trainer  # the mixin's methods call the Trainer's (Any to mypy: not analysed)
+
     from ..frontend import EMAFrontEnd
     from .deepspeed import DeepSpeedEMA
+else:
+    _Trainer = object
 
 __all__ = ["EMATrainer", "EMATrainerMixin", "fsdp_ema_checkpoints"]
 
@@ -100,7 +105,7 @@ def fsdp_ema_checkpoints(accelerator: Any, ema: EMAOptimizer) -> list[Any]:
 
 
 
-class EMATrainerMixin:
+class EMATrainerMixin(_Trainer):
     """Keeps an EMA of the weights the Trainer's optimizer trains.
 
     Put it first among the bases of a ``Trainer`` subclass. The EMA is attached
@@ -132,8 +137,9 @@ class EMATrainerMixin:
         TypeError: ``model`` in ``ema_kwargs``.
     """
 
-    def __init__(self, *args: Any, ema_momentum: float | Schedule | None = None, ema_kwargs: dict | None = None,
-                 evaluate_on_ema: bool = True, save_ema_model: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, ema_momentum: float | Schedule | Mapping[str, float | Schedule] | None = None,
+                 ema_kwargs: dict | None = None, evaluate_on_ema: bool = True, save_ema_model: bool = False,
+                 **kwargs: Any) -> None:
         ema_kwargs = dict(ema_kwargs or {})
         if "model" in ema_kwargs:
             raise TypeError("EMATrainer takes no model= in ema_kwargs: the EMA is of the Trainer's model")
