@@ -68,15 +68,18 @@ class EMACallback(pl.Callback):
             ``device``, ``backend``, ``skip_nonfinite``); not ``model``.
 
     Attributes:
-        ema: The EMA (an attached :class:`~triton_ema.EMAOptimizer`) once ``fit``
-            has started, else None.
+        ema: The EMA once ``fit`` has started, else None: an attached
+            :class:`~triton_ema.EMAOptimizer`, or under ``DeepSpeedStrategy`` a
+            :class:`~triton_ema.integrations.deepspeed.DeepSpeedEMA`.
 
     Raises:
         TypeError: ``model=`` given.
         ValueError: ``optimizer_index`` out of range (when ``fit`` starts).
-        NotImplementedError: ``FSDPStrategy``, ``DeepSpeedStrategy``, or
+        NotImplementedError: ``FSDPStrategy`` or
             ``ModelParallelStrategy(save_distributed_checkpoint=False)``, whose
-            checkpoints would not carry the EMA (when ``fit`` starts).
+            checkpoints would not carry the EMA (when ``fit`` starts); and
+            ``test``/``validate(ckpt_path=...)`` without a fit of a ZeRO-3 or
+            distributed (``ModelParallelStrategy``) checkpoint.
     """
 
     def __init__(self, momentum: float | Schedule | Mapping[str, float | Schedule] | None = None, *, validate_on_ema: bool = True,
