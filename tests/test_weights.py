@@ -83,6 +83,20 @@ def test_optimizer_state_dict_file_gives_the_averaged_tensors_bitwise(tmp_path):
     assert bitwise(fresh.state_dict(), {**make_model(seed=7).state_dict(), **weights})
 
 
+def test_a_dict_holding_the_optimizer_and_the_model_gives_the_whole_ema_state_dict(tmp_path):
+    model, opt = trained()  # the checkpoint the README saves: the model's weights beside the optimizer + EMA
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    weights = load_ema_weights(tmp_path / "ckpt.pt")
+    assert bitwise(weights, opt.ema_state_dict())
+    make_model(seed=7).load_state_dict(weights, strict=True)
+    two = {"a": opt.state_dict(), "b": opt.state_dict()}
+    with pytest.raises(ValueError, match=r"2 of its optimizer state dicts \['a', 'b'\] hold an EMA"):
+        load_ema_weights(two)
+    bare = {"model": model.state_dict(), "opt": torch.optim.SGD(model.parameters(), lr=0.1).state_dict()}
+    with pytest.raises(ValueError, match=r"its optimizer state dicts \['opt'\] hold no EMA"):
+        load_ema_weights(bare)
+
+
 def test_model_given_fills_what_is_not_averaged_and_takes_its_dtypes():
     model, opt = trained(torch.bfloat16)  # float32 shadows of bfloat16 params
     sd = opt.state_dict()
@@ -188,7 +202,8 @@ def test_export_without_safetensors_says_how_to_install_it(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "safetensors", None)  # as if it were not installed
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "ema.safetensors")]) == 1
-    assert "needs the safetensors package: pip install 'triton-ema[export]'" in capsys.readouterr().err
+    needs = "needs the safetensors package: the export extra (in a clone, pip install -c constraints.txt -e '.[export]')"
+    assert needs in capsys.readouterr().err
     assert export_main([str(tmp_path / "ckpt.pt"), str(tmp_path / "ema.safetensors"), "--format", "torch"]) == 0
 
 

@@ -5,7 +5,7 @@
 The weights are :func:`triton_ema.load_ema_weights`'s; the format follows OUT's
 suffix (``.safetensors``, or ``.pt`` / ``.pth`` / ``.bin`` for ``torch.save``)
 unless ``--format`` names it. Safetensors is the format transformers and
-diffusers load (``pip install 'triton-ema[export]'``)."""
+diffusers load (the ``export`` extra)."""
 
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def save_weights(weights: Mapping[str, Tensor], out: str | os.PathLike, format: 
     try:
         from safetensors.torch import save_file
     except ImportError as error:
-        raise ImportError("writing safetensors needs the safetensors package: pip install 'triton-ema[export]' "
-                          "(or write a torch file: --format torch)") from error
+        raise ImportError("writing safetensors needs the safetensors package: the export extra (in a clone, "
+                          "pip install -c constraints.txt -e '.[export]'), or write a torch file: --format torch") from error
     save_file(tensors, str(out), metadata={"format": "pt"})  # the metadata transformers checks
 
 

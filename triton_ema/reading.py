@@ -56,7 +56,8 @@ def load_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         from safetensors.torch import load_file
     except ImportError as error:
-        raise ImportError(f"reading {path} needs safetensors: pip install 'triton-ema[export]'") from error
+        raise ImportError(f"reading {path} needs safetensors: the export extra (in a clone, "
+                          "pip install -c constraints.txt -e '.[export]')") from error
     return load_file(path, device="cpu")
 
 

@@ -106,7 +106,7 @@ def from_dict(checkpoint: Any, where: str) -> Found:
         if recognise(checkpoint):
             return read(checkpoint, where)
     raise ValueError(f"{where} holds no EMA: its keys {sorted(map(str, checkpoint))[:8]} are of no checkpoint form "
-                     f"known here ({FORMS_KNOWN}); was it saved with triton-ema?")
+                     f"known here ({FORMS_KNOWN}); was it saved with triton-ema's EMA?")
 
 
 def _ema_entry(d: Mapping, where: str) -> Found:
@@ -163,6 +163,29 @@ def _beside(d: Mapping, where: str) -> Found:
     return Found(_checked_entry(d["ema"], f"{where}['ema']"), None, where, models)
 
 
+def _holds_optimizer(d: Mapping) -> bool:
+    return any(_is_optimizer_state(v) for v in d.values())
+
+
+def _is_optimizer_state(value: Any) -> bool:
+    return isinstance(value, Mapping) and "state" in value and "param_groups" in value
+
+
+def _inside(d: Mapping, where: str) -> Found:
+    """A script's own checkpoint, e.g. ``{"model": model.state_dict(), "opt": opt.state_dict(), "epoch": ...}``:
+    the EMA in the one optimizer state dict among its entries, the model's weights beside it."""
+    with_ema = [k for k, v in d.items() if _is_optimizer_state(v) and "ema" in v]
+    if len(with_ema) != 1:
+        found = [k for k, v in d.items() if _is_optimizer_state(v)]
+        raise ValueError(f"{where}: {len(with_ema)} of its optimizer state dicts {found} hold an EMA; pass the one "
+                         "you want, e.g. load_ema_weights(checkpoint[key])" if with_ema else
+                         f"{where}: its optimizer state dicts {found} hold no EMA (no 'ema' entry: saved from an "
+                         "optimizer without triton-ema)")
+    (key,) = with_ema
+    models = tuple(mapping_candidate(v) for k, v in d.items() if k != key and _is_weights(v))
+    return Found(_checked_entry(d[key]["ema"], f"{where}[{key!r}]['ema']"), d[key].get("param_groups"), where, models)
+
+
 def _is_weights(value: Any) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(isinstance(v, Tensor) for v in value.values())
 
@@ -181,6 +204,7 @@ DICT_FORMS: Sequence[tuple[Callable[[Mapping], bool], Callable[[Mapping, str], F
     (lambda d: "state" in d and "param_groups" in d, _optimizer_state),
     (lambda d: "state_dict" in d and any(str(k).startswith("optimizer_") for k in d), _lightning),
     (lambda d: "ema" in d, _beside),
+    (_holds_optimizer, _inside),
 )
 
 
@@ -305,8 +329,8 @@ FOLDER_FORMS: list[FolderForm] = [
     FolderForm("a transformers Trainer or accelerate checkpoint folder", _is_training_folder, _read_training_folder),
 ]
 
-FORMS_KNOWN = ("an optimizer state dict, a Lightning, mmengine, transformers Trainer or accelerate checkpoint, "
-               "a torch.distributed.checkpoint folder, a DeepSpeed checkpoint folder")
+FORMS_KNOWN = ("an optimizer state dict or a dict holding one, a Lightning, mmengine, transformers Trainer or "
+               "accelerate checkpoint, a torch.distributed.checkpoint folder, a DeepSpeed checkpoint folder")
 
 
 def folder_form(path: Path) -> FolderForm | None:
