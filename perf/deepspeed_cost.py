@@ -21,6 +21,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -107,7 +108,8 @@ def main():
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", default="/tmp/deepspeed_cost")
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "deepspeed_cost"),
+                        help="prefix of the per-rank result files")
     args = parser.parse_args()
     rows = []
     for i, variant in enumerate(("none", "triton-ema", "diffusers")):
