@@ -10,7 +10,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
-from torch import nn  # noqa: E402
+from dist_cases import Uneven  # noqa: E402
 
 from triton_ema.integrations.deepspeed import attach  # noqa: E402
 
@@ -24,18 +24,9 @@ CONFIGS = {  # name: (ZeRO stage, 16-bit dtype or None, the engine's optimizer c
 }
 
 
-class Net(nn.Module):
+class Net(Uneven):
     """7 and 3 rows (uneven over 2 ranks), a 1-element parameter; under ZeRO-3 the two
     smaller tensors stay gathered (persistent) and the others are partitioned."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1 = nn.Linear(5, 7)
-        self.l2 = nn.Linear(7, 3)
-        self.tiny = nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        return self.l2(torch.relu(self.l1(x))) * self.tiny
 
 
 def data(step, rank, dtype=torch.float32):
