@@ -108,7 +108,7 @@ def hf_trainer(**kw):
     from triton_ema.integrations.transformers import EMATrainer
 
     args = transformers.TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none")
-    return EMATrainer(model=make_model(), args=args, ema_momentum=0.1, **kw)
+    return EMATrainer(model=make_model(), args=args, **{"ema_momentum": 0.1, **kw})
 
 
 def mmengine_hook(**kw):
@@ -474,6 +474,16 @@ ERRORS = [
      "has no ema/ folder: saved without fsdp_ema_checkpoints"),
     ("transformers trainer given model=", lambda: hf_trainer(ema_kwargs={"model": make_model()}), TypeError,
      "EMATrainer takes no model= in ema_kwargs"),
+    ("transformers trainer without momentum", lambda: hf_trainer(ema_momentum=None), ValueError,
+     "EMATrainer\\(ema_momentum=..., or ema_kwargs=\\{'decay': ...\\}\\): give momentum"),
+    ("transformers trainer given the model as momentum", lambda: hf_trainer(ema_momentum=make_model()), TypeError,
+     "EMATrainer\\(ema_momentum=..., or ema_kwargs=\\{'decay': ...\\}\\): momentum is an nn.Module"),
+    ("lightning callback given the model as momentum",
+     lambda: __import__("triton_ema.integrations.lightning").integrations.lightning.EMACallback(make_model()), TypeError,
+     "EMACallback: momentum is an nn.Module"),
+    ("lightning callback with a momentum out of range",
+     lambda: __import__("triton_ema.integrations.lightning").integrations.lightning.EMACallback(1.5), ValueError,
+     "EMACallback: momentum must lie in \\(0, 1\\], got 1.5"),
     ("transformers evaluate before train", lambda: hf_trainer().evaluate(), RuntimeError,
      r"there is no EMA to evaluate on before train\(\)"),
     ("mmengine hook unknown ema_type", lambda: mmengine_hook(ema_type="SWA"), ValueError,

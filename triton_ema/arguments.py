@@ -20,8 +20,7 @@ def check_arguments(param_groups: list[dict], momentum: Any, decay: Any, interva
                     update_buffers: bool, shadow_dtype: Any, device: Any,
                     backend: Any) -> tuple[dict[str | None, Schedule], torch.device | None]:
     """The EMA profiles' schedules and the shadows' device, or an error naming the bad argument."""
-    schedules = profile_schedules(momentum, decay)
-    check_schedules(schedules)
+    schedules = check_momentum(momentum, decay)
     for profile, schedule in schedules.items():
         warn_if_decay_like(schedule, decay is not None, profile)
     if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
@@ -100,6 +99,19 @@ def shares_params(model: nn.Module, param_groups: list[dict]) -> bool:
     ours = {id(p) for group in param_groups for p in group["params"]}
     params = list(model.parameters())
     return not params or any(id(p) in ours for p in params)
+
+
+def check_momentum(momentum: Any, decay: Any, *, given_to: str | None = None) -> dict[str | None, Schedule]:
+    """The EMA profiles' schedules of ``momentum`` / ``decay``, each evaluated at t = 0, or an error naming the
+    culprit; ``given_to`` names the front end whose arguments they were (its own names for them)."""
+    try:
+        schedules = profile_schedules(momentum, decay)
+        check_schedules(schedules)
+    except (TypeError, ValueError) as err:
+        if given_to is None:
+            raise
+        raise type(err)(f"{given_to}: {err}") from None
+    return schedules
 
 
 def check_schedules(schedules: dict[str | None, Schedule]) -> None:

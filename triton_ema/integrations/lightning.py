@@ -31,6 +31,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils._pytree import tree_map
 
+from ..arguments import check_momentum
 from ..hooks import attach
 from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
@@ -86,6 +87,8 @@ class EMACallback(pl.Callback):
                  test_on_ema: bool = True, ema_at_end: bool = False, optimizer_index: int = 0, **ema_kwargs: Any) -> None:
         if "model" in ema_kwargs:
             raise TypeError("EMACallback takes no model=: the EMA is of the LightningModule being fitted")
+        if momentum is not None or "decay" in ema_kwargs:  # none given: test/validate(ckpt_path=) needs none
+            check_momentum(momentum, ema_kwargs.get("decay"), given_to="EMACallback")
         self.momentum = momentum
         self.ema_kwargs = ema_kwargs
         self.validate_on_ema = validate_on_ema

@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_map
 from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..arguments import check_momentum
 from ..hooks import attach, attached_ema
 from ..optimizer import EMAOptimizer
 from ..schedules import Schedule
@@ -143,6 +144,9 @@ class EMATrainerMixin(_Trainer):
         ema_kwargs = dict(ema_kwargs or {})
         if "model" in ema_kwargs:
             raise TypeError("EMATrainer takes no model= in ema_kwargs: the EMA is of the Trainer's model")
+        # Checked now, not when train() builds the EMA: the momentum is ema_momentum, a decay ema_kwargs["decay"].
+        check_momentum(ema_momentum, ema_kwargs.get("decay"),
+                       given_to="EMATrainer(ema_momentum=..., or ema_kwargs={'decay': ...})")
         self.ema_momentum, self.ema_kwargs = ema_momentum, ema_kwargs
         self.evaluate_on_ema, self.save_ema_model = evaluate_on_ema, save_ema_model
         self.ema: EMAOptimizer | DeepSpeedEMA | None = None
