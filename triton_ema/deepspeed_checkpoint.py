@@ -68,6 +68,34 @@ def assemble(layout: dict[str, Any], partitions: Sequence[Sequence[Tensor]]) -> 
     return out
 
 
+def local_pieces(layout: dict[str, Any], shadows: Sequence[Tensor], rank: int) -> dict[str, Tensor]:
+    """This rank's pieces of every parameter (1-d copies) in its master tensors ``shadows``, by name: what
+    ``ema_state_dict(full=False)`` gives on a rank of a ZeRO 1-3 engine."""
+    out, world = {}, int(layout["world_size"])
+    for name, shape, master, offset in zip(*(layout[k] for k in ("names", "shapes", "masters", "offsets"))):
+        numel, size = math.prod(shape), shadows[master].numel()
+        if layout["kind"] == "sharded":
+            part = math.ceil(numel / world)
+            out[name] = shadows[master][offset:offset + part].clone()
+            continue
+        start, end = max(offset - rank * size, 0), min(offset + numel - rank * size, size)
+        if start < end:
+            out[name] = shadows[master][start:end].clone()
+    return out
+
+
+def layout_mismatch(key: str, saved: Any, ours: Any) -> str:
+    """Why a checkpoint's EMA layout entry ``key`` (``saved``) cannot be loaded where it is ``ours``."""
+    if key == "world_size":
+        return (f"the checkpoint's EMA was saved on {saved} ranks, this engine runs on {ours}: the EMA of the "
+                "master partitions resumes only on the number of ranks it was saved with (DeepSpeed's universal "
+                "checkpoint does not carry it); export it with read_deepspeed_ema and start a new EMA from it")
+    if saved is None:
+        return "the checkpoint has an 'ema' entry but no 'ema_layout': it was not saved by this DeepSpeed adaptor"
+    return (f"the checkpoint's EMA layout differs in {key!r} (saved {str(saved)[:80]}, here {str(ours)[:80]}): a "
+            "checkpoint of another model or ZeRO configuration")
+
+
 def read_deepspeed_ema(folder: str | os.PathLike, *, tag: str | None = None, profile: str | None = None,
                        trusted: bool = False) -> dict[str, Tensor]:
     """The EMA saved in a DeepSpeed checkpoint folder, keyed like the unwrapped model's parameters.

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -43,7 +42,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch import Tensor
 
 from ..checkpoint import Checked, check_ema, ema_state
-from ..deepspeed_checkpoint import LAYOUT_FORMAT, assemble, rank_ema
+from ..deepspeed_checkpoint import LAYOUT_FORMAT, assemble, layout_mismatch, local_pieces, rank_ema
 from ..ema import EMA, Update
 from ..frontend import EMAFrontEnd
 from ..schedules import Schedule
@@ -194,7 +193,7 @@ class DeepSpeedEMA(EMAFrontEnd):
             return assemble(self.layout, [shadows])
         if full:
             return assemble(self.layout, _all_gather(shadows, self.world_size, self.engine.optimizer.dp_process_group))
-        return self._local_pieces(shadows)
+        return local_pieces(self.layout, shadows, dist.get_rank(group=self.engine.optimizer.dp_process_group))
 
     def load_checkpoint_ema(self, folder: str, tag: str | None = None) -> None:
         """This rank's EMA (and step count) from a checkpoint, without the engine's weights or optimizer states.
@@ -342,7 +341,7 @@ class DeepSpeedEMA(EMAFrontEnd):
             ours = {k: v for k, v in self.layout.items()}
             for key in ("kind", "world_size", "names", "shapes", "masters", "offsets", "numels"):
                 if saved.get(key) != ours[key]:
-                    raise ValueError(_layout_mismatch(key, saved.get(key), ours[key]))
+                    raise ValueError(layout_mismatch(key, saved.get(key), ours[key]))
             self._pending = check_ema(self.core, state_dict["ema"])
         return {k: v for k, v in state_dict.items() if k not in ("ema", "ema_layout")}
 
@@ -385,19 +384,6 @@ class DeepSpeedEMA(EMAFrontEnd):
                 "names": [names[id(p)] for p, _, _ in entries], "shapes": [list(s) for s in shapes],
                 "masters": [i for _, i, _ in entries], "offsets": [int(off) for _, _, off in entries],
                 "numels": [t.numel() for t in masters]}
-
-    def _local_pieces(self, shadows: list[Tensor]) -> dict[str, Tensor]:
-        out, world, rank = {}, self.world_size, dist.get_rank(group=self.engine.optimizer.dp_process_group)
-        for name, shape, master, offset in zip(*(self.layout[k] for k in ("names", "shapes", "masters", "offsets"))):
-            numel, size = math.prod(shape), shadows[master].numel()
-            if self.kind == "sharded":
-                part = math.ceil(numel / world)
-                out[name] = shadows[master][offset:offset + part].clone()
-                continue
-            start, end = max(offset - rank * size, 0), min(offset + numel - rank * size, size)
-            if start < end:
-                out[name] = shadows[master][start:end].clone()
-        return out
 
     @torch.no_grad()
     def _refresh(self) -> None:
@@ -452,14 +438,3 @@ def _unsupported(what: str) -> RuntimeError:
     return RuntimeError(f"{what} is not available under DeepSpeed: the EMA is of each rank's fp32 master partitions, "
                         "not of the module's parameters; use ema_state_dict(full=True) (model-keyed, whole), "
                         "swap_ema(), and engine.save_checkpoint()/load_checkpoint(), which carry the EMA")
-
-
-def _layout_mismatch(key: str, saved: Any, ours: Any) -> str:
-    if key == "world_size":
-        return (f"the checkpoint's EMA was saved on {saved} ranks, this engine runs on {ours}: the EMA of the "
-                "master partitions resumes only on the number of ranks it was saved with (DeepSpeed's universal "
-                "checkpoint does not carry it); export it with read_deepspeed_ema and start a new EMA from it")
-    if saved is None:
-        return "the checkpoint has an 'ema' entry but no 'ema_layout': it was not saved by this DeepSpeed adaptor"
-    return (f"the checkpoint's EMA layout differs in {key!r} (saved {str(saved)[:80]}, here {str(ours)[:80]}): a "
-            "checkpoint of another model or ZeRO configuration")
