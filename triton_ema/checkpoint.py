@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor
 
-from .names import canonical, rekeyed, unwrapped, wrapper_difference, wrapper_hint
+from .names import by_unwrapped, canonical, rekeyed, unwrapped, wrapper_difference, wrapper_hint
 from .schedules import PowerFunction
 from .sharding import like, local_value
 
@@ -177,11 +177,7 @@ def averaged_keys(ema: EMA, entries: dict[str, Any]) -> dict[str, int]:
     index = ema.tracking.positions()
     out = {key: index[id(value)] for key, value in entries.items() if id(value) in index}
     found, objects = set(out.values()), ema.tracking.objects
-    unmatched: dict[str, int | None] = {}
-    for i, name in enumerate(ema.names):
-        if i not in found:
-            u = unwrapped(name)
-            unmatched[u] = None if u in unmatched else i  # None: two of them, not told apart by name
+    unmatched = by_unwrapped((name, i) for i, name in enumerate(ema.names) if i not in found)
     if not unmatched:
         return out
     for key, value in entries.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
-__all__ = ["WRAPPER_PREFIXES", "canonical", "only_wrappers_differ", "rekeyed", "unwrapped", "wrapper_difference",
+__all__ = ["WRAPPER_PREFIXES", "by_unwrapped", "canonical", "only_wrappers_differ", "rekeyed", "unwrapped", "wrapper_difference",
            "wrapper_hint"]
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -75,20 +75,27 @@ def canonical(names: Sequence[str]) -> list[str]:
     return out if len(set(out)) == len(set(names)) else list(names)
 
 
+def by_unwrapped(named: Iterable[tuple[str, V]]) -> dict[str, V | None]:
+    """Each value by its name once wrapper prefixes are removed; None where two names become one
+    (only the exact names tell those apart)."""
+    out: dict[str, V | None] = {}
+    for name, value in named:
+        u = unwrapped(name)
+        out[u] = None if u in out else value
+    return out
+
+
 def rekeyed(given: Mapping[str, V], ours: Iterable[str], where: str) -> dict[str, V]:
     """``given`` keyed by ``ours``: each entry under our name that equals its key, else under the one
     that does once wrapper prefixes are removed; an entry matching none of ours keeps its key
     (the caller reports it). Two entries for one of our names are an error naming both."""
     ours = list(ours)
     exact = set(ours)
-    by_unwrapped: dict[str, str | None] = {}
-    for name in ours:
-        u = unwrapped(name)
-        by_unwrapped[u] = None if u in by_unwrapped else name  # None: two of ours, only exact names tell them apart
+    ours_unwrapped = by_unwrapped((name, name) for name in ours)
     out: dict[str, V] = {}
     origin: dict[str, str] = {}
     for key, value in given.items():
-        target = key if key in exact or not isinstance(key, str) else by_unwrapped.get(unwrapped(key)) or key
+        target = key if key in exact or not isinstance(key, str) else ours_unwrapped.get(unwrapped(key)) or key
         if target in out:
             raise ValueError(f"{where} has two entries for {target!r}: {origin[target]!r} and {key!r} (the same "
                              "name once wrapper prefixes are removed)")
